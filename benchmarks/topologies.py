@@ -1,0 +1,459 @@
+#!/usr/bin/env python
+"""Topology comparison of the Base-(k+1) paper (Takezawa et al., NeurIPS 2023), small and offline.
+
+Trains n nodes with DSGD + momentum (and D² / gradient tracking) over ring, torus,
+exponential, one-peer exponential, Base-(k+1) (k = 1, 2, 3) and EquiDyn, on a
+Dirichlet label split (alpha = 10: nearly IID; alpha = 0.1: heterogeneous), several
+seeds. The n nodes run in one process with :mod:`decomm.sim` — the same optimizer
+wrappers as an MPI run, mixing done in-process — which on a 2-core machine is far
+cheaper than n MPI ranks.
+
+Two tasks ship offline: scikit-learn's digits (easy: most topologies tie) and
+:func:`decomm.data.make_synthetic` (20 classes, overlapping Gaussian clusters; hard
+enough that consensus matters).
+
+Writes ``benchmarks/results/topologies.md`` (tables + verdict), ``topologies.csv``
+(every epoch of every run) and PNG curves (accuracy and consensus distance vs epoch)
+next to it. ``--quick`` runs a tiny version (for a smoke test).
+
+    python benchmarks/topologies.py              # ~10 min on 2 cores
+    python benchmarks/topologies.py --quick      # ~20 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT))
+
+from decomm.data import ArrayDataset, dirichlet_split, load_dataset  # noqa: E402
+from decomm.models import build_model  # noqa: E402
+from decomm.optim import D2, DSGD, GradientTracking  # noqa: E402
+from decomm.sim import Simulation  # noqa: E402
+from train import lr_factor, make_topology  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+#: Topologies of the DSGD comparison: (label, train.py name, k).
+TOPOLOGY_SET: tuple[tuple[str, str, int], ...] = (
+    ("ring", "ring", 1),
+    ("torus", "torus", 1),
+    ("exp", "exp", 1),
+    ("one-peer exp", "one-peer-exp", 1),
+    ("Base-2 (k=1)", "base", 1),
+    ("Base-3 (k=2)", "base", 2),
+    ("Base-4 (k=3)", "base", 3),
+    ("EquiDyn", "equidyn", 1),
+)
+
+#: Per-task training settings (lr tuned once on exp at alpha=0.1; see the .md).
+TASKS: dict[str, dict[str, Any]] = {
+    "synthetic": {"model": "mlp", "hidden": (64, 64), "lr": 0.1, "batch": 32, "epochs": 20},
+    "digits": {"model": "mlp", "hidden": (64,), "lr": 0.1, "batch": 16, "epochs": 20},
+}
+
+WRAPPERS = {"dsgd": DSGD, "d2": D2, "gt": GradientTracking}
+PAYLOAD_FACTOR = {"dsgd": 1, "d2": 1, "gt": 2}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One training run."""
+
+    task: str
+    n: int
+    alpha: float
+    label: str
+    topology: str
+    k: int
+    optimizer: str
+    seed: int
+    epochs: int
+    lr: float
+    batch: int
+
+
+@dataclass
+class Curve:
+    """Per-epoch metrics of one run."""
+
+    acc_avg: list[float]
+    acc_local: list[float]
+    consensus: list[float]
+    loss: list[float]
+    bytes_per_rank: list[float]
+    max_degree: int
+    seconds: float
+
+
+_TASK_CACHE: dict[str, ArrayDataset] = {}
+
+
+def _task(name: str) -> ArrayDataset:
+    if name not in _TASK_CACHE:
+        _TASK_CACHE[name] = load_dataset(name, seed=0)
+    return _TASK_CACHE[name]
+
+
+def out_degrees(topology: Any, t: int) -> np.ndarray:
+    """Out-degree of every node in round ``t`` (messages it sends)."""
+    sr = topology.sparse(t)
+    rows = np.repeat(np.arange(sr.n), np.diff(sr.indptr))
+    off = sr.indices != rows
+    return np.bincount(sr.indices[off], minlength=sr.n)
+
+
+def run_one(spec: Spec) -> Curve:
+    """Train ``spec.n`` simulated nodes and record one :class:`Curve`."""
+    torch.set_num_threads(1)
+    data = _task(spec.task)
+    cfg = TASKS[spec.task]
+    shards = dirichlet_split(data.y_train, spec.n, spec.alpha, seed=spec.seed)
+    xs, ys = [], []
+    for s in shards:
+        x, y = data.train_arrays(s)
+        xs.append(torch.from_numpy(x))
+        ys.append(torch.from_numpy(y))
+    x_test, y_test = (torch.from_numpy(a) for a in data.test_arrays())
+    eval_idx = torch.from_numpy(np.random.default_rng(1).permutation(len(y_test))[:1000])
+
+    topo = make_topology(spec.topology, spec.n, spec.k, seed=spec.seed)
+    torch.manual_seed(spec.seed)
+
+    def make_model() -> torch.nn.Module:
+        return build_model(cfg["model"], data.input_shape, data.num_classes, hidden=cfg["hidden"])
+
+    sim = Simulation(
+        topo, make_model,
+        lambda m: torch.optim.SGD(m.parameters(), lr=spec.lr, momentum=0.9),
+        wrapper_cls=WRAPPERS[spec.optimizer],
+    )
+    eval_model = make_model()
+    payload = PAYLOAD_FACTOR[spec.optimizer] * sum(
+        p.numel() * p.element_size() for p in eval_model.parameters())
+
+    steps = max(1, math.ceil(min(len(y) for y in ys) / spec.batch))
+    total = steps * spec.epochs
+    gens = [torch.Generator().manual_seed(spec.seed * 1000 + i) for i in range(spec.n)]
+    curve = Curve([], [], [], [], [], topo.max_degree(), 0.0)
+    sent = 0.0
+    t0 = time.perf_counter()
+    step = 0
+    for _epoch in range(spec.epochs):
+        batches = [torch.tensor_split(torch.randperm(len(ys[i]), generator=gens[i]), steps)
+                   for i in range(spec.n)]
+        losses = []
+        for b in range(steps):
+            lr = spec.lr * lr_factor(step, total, 0)
+            for opt in sim.optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = lr
+            rnd = sim.round
+
+            def loss_fn(i: int, model: torch.nn.Module, b: int = b) -> torch.Tensor:
+                idx = batches[i][b]
+                return F.cross_entropy(model(xs[i][idx]), ys[i][idx])
+
+            losses.append(float(np.mean(sim.step(loss_fn))))
+            if sim.round != rnd:
+                sent += payload * float(out_degrees(topo, rnd).mean())
+            step += 1
+        with torch.no_grad():
+            avg = sim.average_params().float()
+            off = 0
+            for p in eval_model.parameters():
+                p.copy_(avg[off: off + p.numel()].view_as(p))
+                off += p.numel()
+            curve.acc_avg.append(float((eval_model(x_test).argmax(1) == y_test).float().mean()))
+            xe, ye = x_test[eval_idx], y_test[eval_idx]
+            curve.acc_local.append(float(np.mean(
+                [float((m(xe).argmax(1) == ye).float().mean()) for m in sim.models])))
+        curve.consensus.append(sim.consensus_distance())
+        curve.loss.append(float(np.mean(losses)))
+        curve.bytes_per_rank.append(sent)
+    curve.seconds = time.perf_counter() - t0
+    return curve
+
+
+def _run_job(spec: Spec) -> tuple[Spec, Curve]:
+    return spec, run_one(spec)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan(args: argparse.Namespace) -> list[Spec]:
+    """All runs of the benchmark, cheapest first within each group."""
+    specs: list[Spec] = []
+    seeds = range(args.seeds)
+    for task in args.tasks:
+        cfg = TASKS[task]
+        epochs = args.epochs or cfg["epochs"]
+        for n in args.n:
+            for alpha in args.alpha:
+                for label, name, k in TOPOLOGY_SET:
+                    for seed in seeds:
+                        specs.append(Spec(task, n, alpha, label, name, k, "dsgd", seed, epochs,
+                                          cfg["lr"], cfg["batch"]))
+    # D² and gradient tracking: Base-(k+1) vs exponential, the hard task, n = 25
+    if args.algorithms:
+        task = "synthetic" if "synthetic" in args.tasks else args.tasks[0]
+        cfg = TASKS[task]
+        epochs = args.epochs or cfg["epochs"]
+        for opt in ("d2", "gt"):
+            for alpha in args.alpha:
+                for label, name, k in (("exp", "exp", 1), ("Base-2 (k=1)", "base", 1),
+                                       ("Base-3 (k=2)", "base", 2)):
+                    for seed in seeds:
+                        specs.append(Spec(task, max(args.n), alpha, label, name, k, opt, seed,
+                                          epochs, cfg["lr"], cfg["batch"]))
+    return specs
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _mean_std(values: Iterable[float]) -> tuple[float, float]:
+    v = np.asarray(list(values), dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+Group = tuple[str, int, float, str]  # task, n, alpha, optimizer
+
+
+def summarise(results: list[tuple[Spec, Curve]]) -> dict[Group, dict[str, dict[str, Any]]]:
+    """Aggregate over seeds: group -> topology label -> statistics."""
+    by: dict[Group, dict[str, list[tuple[Spec, Curve]]]] = defaultdict(lambda: defaultdict(list))
+    for spec, curve in results:
+        by[(spec.task, spec.n, spec.alpha, spec.optimizer)][spec.label].append((spec, curve))
+    out: dict[Group, dict[str, dict[str, Any]]] = {}
+    for group, topos in by.items():
+        out[group] = {}
+        for label, runs in topos.items():
+            curves = [c for _, c in runs]
+            epochs = len(curves[0].acc_avg)
+            third = max(0, epochs // 3 - 1)
+            acc = _mean_std(100 * c.acc_avg[-1] for c in curves)
+            out[group][label] = {
+                "acc": acc,
+                "acc_early": _mean_std(100 * c.acc_avg[third] for c in curves),
+                "early_epoch": third + 1,
+                "local": _mean_std(100 * c.acc_local[-1] for c in curves),
+                "consensus": float(np.mean([c.consensus[-1] for c in curves])),
+                "consensus_mid": float(np.mean([c.consensus[epochs // 2] for c in curves])),
+                "mb": curves[0].bytes_per_rank[-1] / 1e6,
+                "degree": curves[0].max_degree,
+                "seeds": len(curves),
+                "curve_acc": np.mean([c.acc_avg for c in curves], axis=0),
+                "curve_cons": np.mean([c.consensus for c in curves], axis=0),
+                "seconds": float(np.sum([c.seconds for c in curves])),
+            }
+    return out
+
+
+def _fmt(ms: tuple[float, float]) -> str:
+    return f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def table(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown table of one group, best final accuracy first."""
+    lines = ["| topology | max deg. | MB sent / rank | acc. epoch {e} (%) | final acc. (%) "
+             "| final local acc. (%) | consensus dist. (mid / end) |".format(
+                 e=next(iter(stats.values()))["early_epoch"]),
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, s in sorted(stats.items(), key=lambda kv: -kv[1]["acc"][0]):
+        lines.append(f"| {label} | {s['degree']} | {s['mb']:.2f} | {_fmt(s['acc_early'])} | "
+                     f"**{_fmt(s['acc'])}** | {_fmt(s['local'])} | "
+                     f"{s['consensus_mid']:.2e} / {s['consensus']:.2e} |")
+    return lines
+
+
+def verdict(group: Group, stats: dict[str, dict[str, Any]]) -> str:
+    """One sentence: does Base-(k+1) >= exp > ring hold here (in final accuracy)?"""
+    base = {lab: s for lab, s in stats.items() if lab.startswith("Base")}
+    if not base or "exp" not in stats:
+        return ""
+    best_label, best = max(base.items(), key=lambda kv: kv[1]["acc"][0])
+    exp = stats["exp"]
+    b, e = best["acc"], exp["acc"]
+    tol = math.hypot(b[1], e[1]) / math.sqrt(max(1, best["seeds"]))  # std error of the difference
+    if b[0] >= e[0] - tol:
+        first = (f"{best_label} {b[0]:.1f}% ≥ exp {e[0]:.1f}% "
+                 f"({'ahead' if b[0] > e[0] + tol else 'within noise'}; Δ = {b[0] - e[0]:+.1f}, "
+                 f"s.e. {tol:.1f}) — holds")
+    else:
+        first = f"{best_label} {b[0]:.1f}% < exp {e[0]:.1f}% (Δ = {b[0] - e[0]:+.1f}, s.e. {tol:.1f}) — does not hold"
+    comm = f"at {best['mb'] / exp['mb']:.2f}× exp's bytes" if exp["mb"] else ""
+    second = ""
+    if "ring" in stats:
+        r = stats["ring"]["acc"]
+        tol_r = math.hypot(e[1], r[1]) / math.sqrt(max(1, exp["seeds"]))
+        rel = "holds" if e[0] > r[0] + tol_r else "does not hold (within noise)" if e[0] >= r[0] - tol_r \
+            else "does not hold"
+        second = f"; exp {e[0]:.1f}% vs ring {r[0]:.1f}% — {rel}"
+    return f"{first} {comm}{second}."
+
+
+def write_plots(summary: dict[Group, dict[str, dict[str, Any]]], outdir: Path) -> list[str]:
+    """One PNG per (task, n, optimizer): accuracy and consensus vs epoch for both alphas."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    keys = sorted({(t, n, o) for (t, n, _a, o) in summary})
+    for task, n, opt in keys:
+        alphas = sorted({a for (t, nn, a, o) in summary if (t, nn, o) == (task, n, opt)}, reverse=True)
+        fig, axes = plt.subplots(2, len(alphas), figsize=(5.2 * len(alphas), 7.4), squeeze=False)
+        for col, alpha in enumerate(alphas):
+            stats = summary[(task, n, alpha, opt)]
+            for idx, (label, s) in enumerate(sorted(stats.items())):
+                style = "-" if label.startswith("Base") else "--"
+                ep = np.arange(1, len(s["curve_acc"]) + 1)
+                axes[0, col].plot(ep, 100 * s["curve_acc"], style, color=f"C{idx}", label=label)
+                axes[1, col].semilogy(ep, np.maximum(s["curve_cons"], 1e-12), style,
+                                      color=f"C{idx}", label=label)
+            axes[0, col].set_title(f"{task}, n={n}, α={alpha:g}, {opt.upper()}")
+            axes[0, col].set_ylabel("test acc. of averaged model (%)")
+            axes[1, col].set_ylabel("consensus distance")
+            for row in (0, 1):
+                axes[row, col].set_xlabel("epoch")
+                axes[row, col].grid(alpha=0.3, which="both")
+            lo = min(np.min(100 * s["curve_acc"][len(s["curve_acc"]) // 4:]) for s in stats.values())
+            axes[0, col].set_ylim(max(0, lo - 2), None)
+        axes[0, 0].legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        name = f"topologies_{task}_n{n}_{opt}.png"
+        fig.savefig(outdir / name, dpi=90)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write_report(results: list[tuple[Spec, Curve]], args: argparse.Namespace,
+                 elapsed: float, outdir: Path) -> Path:
+    """Write the CSV, the PNGs and the markdown report; return the markdown path."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    with open(outdir / "topologies.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(asdict(results[0][0])) + ["epoch", "test_acc_avg", "test_acc_local",
+                                                  "consensus", "train_loss", "bytes_per_rank"])
+        for spec, c in results:
+            for e in range(len(c.acc_avg)):
+                w.writerow(list(asdict(spec).values()) + [
+                    e + 1, f"{c.acc_avg[e]:.4f}", f"{c.acc_local[e]:.4f}", f"{c.consensus[e]:.4e}",
+                    f"{c.loss[e]:.4f}", f"{c.bytes_per_rank[e]:.0f}"])
+    summary = summarise(results)
+    plots = write_plots(summary, outdir)
+    lines = [
+        "# Topology comparison (Base-(k+1) paper, small scale, offline)",
+        "",
+        "Generated by `python benchmarks/topologies.py"
+        + (" --quick" if args.quick else "") + f"` in {elapsed / 60:.1f} min "
+        f"({len(results)} runs, {os.cpu_count()} CPU(s)). The n nodes are simulated in one "
+        "process by `decomm.sim` with the same optimizer wrappers an MPI run uses.",
+        "",
+        "Setup: DSGD with heavy-ball momentum 0.9 (and D² / gradient tracking, each wrapping "
+        "SGD + momentum 0.9), cosine learning-rate schedule, Dirichlet label split over the "
+        "nodes (α = 10: nearly IID, α = 0.1: one or two dominant classes per node), equal "
+        f"shard sizes; {args.seeds} seed(s) per cell (seed = data split, batch order, "
+        "initialisation, EquiDyn's rounds); mean ± sample std. \"Final acc.\" is the test "
+        "accuracy of the averaged model x̄ after the last epoch; \"local\" is the mean over "
+        "nodes of each node's own model. \"MB sent / rank\" is the mean over nodes of "
+        "(out-degree × parameter bytes) summed over all communication rounds (× 2 for GT, "
+        "which also sends its tracker).",
+        "",
+        "Tasks: " + "; ".join(
+            f"**{t}** ({TASKS[t]['model']} {TASKS[t]['hidden']}, lr {TASKS[t]['lr']}, "
+            f"batch {TASKS[t]['batch']}/node, {args.epochs or TASKS[t]['epochs']} epochs)"
+            for t in args.tasks) + ". `synthetic` = `decomm.data.make_synthetic()`: 20 "
+        "classes × 3 overlapping Gaussian clusters in 8 of 32 dimensions, 8,000 train / "
+        "2,000 test samples.",
+        "",
+    ]
+    for group in sorted(summary, key=lambda g: (g[3] != "dsgd", g[0] != "synthetic", -g[1], -g[2])):
+        task, n, alpha, opt = group
+        lines += [f"## {task}, n = {n}, α = {alpha:g}, {opt.upper()}", ""]
+        lines += table(summary[group])
+        v = verdict(group, summary[group])
+        if v:
+            lines += ["", f"Paper's ordering (Base-(k+1) ≥ exp > ring): {v}"]
+        lines.append("")
+    lines += ["## Figures", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    lines.append("")
+    md = outdir / "topologies.md"
+    md.write_text("\n".join(lines))
+    return md
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (parallel over ``--jobs`` processes) and write the report."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["synthetic", "digits"], choices=sorted(TASKS))
+    p.add_argument("--n", nargs="+", type=int, default=[25, 16])
+    p.add_argument("--alpha", nargs="+", type=float, default=[10.0, 0.1])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="override the per-task epochs")
+    p.add_argument("--no-algorithms", dest="algorithms", action="store_false",
+                   help="skip the D² / gradient tracking runs")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--quick", action="store_true", help="tiny smoke version (writes to --out)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks, args.n, args.seeds, args.epochs = ["digits"], [8], 2, 3
+    specs = plan(args)
+    print(f"[topologies] {len(specs)} runs on {args.jobs} process(es); writing to {args.out}",
+          flush=True)
+    t0 = time.perf_counter()
+    results: list[tuple[Spec, Curve]] = []
+
+    def report(i: int, spec: Spec, curve: Curve) -> None:
+        eta = (time.perf_counter() - t0) / i * (len(specs) - i)
+        print(f"[{i:>3}/{len(specs)}] {spec.task:9s} n={spec.n:<2} α={spec.alpha:<4g} "
+              f"{spec.optimizer:4s} {spec.label:13s} seed {spec.seed}: "
+              f"acc {100 * curve.acc_avg[-1]:5.1f}%  consensus {curve.consensus[-1]:.1e}  "
+              f"({curve.seconds:.1f}s, ~{eta / 60:.1f} min left)", flush=True)
+
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(args.jobs) as pool:
+            for i, (spec, curve) in enumerate(pool.imap_unordered(_run_job, specs), 1):
+                results.append((spec, curve))
+                report(i, spec, curve)
+    else:
+        for i, spec in enumerate(specs, 1):
+            curve = run_one(spec)
+            results.append((spec, curve))
+            report(i, spec, curve)
+    results.sort(key=lambda sc: specs.index(sc[0]))
+    md = write_report(results, args, time.perf_counter() - t0, Path(args.out))
+    print(f"[topologies] wrote {md} in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

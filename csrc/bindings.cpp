@@ -1,0 +1,96 @@
+// Python bindings of the decomm C++ core (module decomm._C).
+#include "mpi_backend.h"
+#include "weighted_sum.h"
+
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+using decomm::MpiBackend;
+
+namespace {
+
+decomm::Peers to_peers(const std::vector<int64_t>& ranks, const std::vector<double>& weights) {
+  decomm::Peers p;
+  p.ranks = ranks;
+  p.weights = weights;
+  return p;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "decomm C++ core: MPI neighbour ops and collectives, fused weighted sums";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const decomm::DecommError& e) {
+      py::object cls = py::module_::import("decomm.errors").attr("DecommError");
+      PyErr_SetString(cls.ptr(), e.what());
+    }
+  });
+
+  m.def("mpi_library_version", []() {
+    char buf[MPI_MAX_LIBRARY_VERSION_STRING];
+    int len = 0;
+    MPI_Get_library_version(buf, &len);
+    return std::string(buf, len);
+  });
+  m.def("header_size", []() { return sizeof(decomm::Header); });
+
+  py::class_<decomm::Handle, std::shared_ptr<decomm::Handle>>(m, "Handle")
+      .def("poll", &decomm::Handle::poll, py::call_guard<py::gil_scoped_release>())
+      .def("wait", &decomm::Handle::wait, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<MpiBackend, std::shared_ptr<MpiBackend>>(m, "MpiBackend")
+      .def(py::init<int64_t, double, bool>(), py::arg("comm_f"), py::arg("timeout"),
+           py::arg("check"))
+      .def("close", &MpiBackend::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("rank", &MpiBackend::rank)
+      .def_property_readonly("size", &MpiBackend::size)
+      .def_property_readonly("has_progress_thread", &MpiBackend::has_progress_thread)
+      .def_property("timeout", &MpiBackend::timeout, &MpiBackend::set_timeout)
+      .def("set_check", &MpiBackend::set_check)
+      .def_property_readonly("bytes_sent", [](MpiBackend& b) { return b.bytes_sent.load(); })
+      .def_property_readonly("bytes_received",
+                             [](MpiBackend& b) { return b.bytes_received.load(); })
+      .def("reset_counters", [](MpiBackend& b) {
+        b.bytes_sent = 0;
+        b.bytes_received = 0;
+      })
+      .def(
+          "neighbor_allreduce",
+          [](MpiBackend& b, const at::Tensor& x, const at::Tensor& out, double self_weight,
+             const std::vector<int64_t>& src, const std::vector<double>& src_w,
+             const std::vector<int64_t>& dst, const std::vector<double>& dst_w,
+             const std::string& name, int64_t round, uint64_t topo_hash, bool async) {
+            return b.neighbor_allreduce(x, out, self_weight, to_peers(src, src_w),
+                                        to_peers(dst, dst_w), name, round, topo_hash, async);
+          },
+          py::call_guard<py::gil_scoped_release>())
+      .def("neighbor_allgather", &MpiBackend::neighbor_allgather,
+           py::call_guard<py::gil_scoped_release>())
+      .def("allreduce", &MpiBackend::allreduce, py::call_guard<py::gil_scoped_release>())
+      .def("broadcast", &MpiBackend::broadcast, py::call_guard<py::gil_scoped_release>())
+      .def("allgather", &MpiBackend::allgather, py::call_guard<py::gil_scoped_release>())
+      .def("barrier", &MpiBackend::barrier, py::call_guard<py::gil_scoped_release>());
+
+  // Exposed for tests and benchmarks of the kernel alone.
+  m.def("weighted_sum", [](const at::Tensor& x, double self_w, const std::vector<at::Tensor>& rs,
+                           const std::vector<double>& ws) {
+    TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+    const auto t = x.scalar_type();
+    TORCH_CHECK(decomm::is_supported_float(t), "unsupported dtype");
+    const int64_t n = x.numel();
+    at::Tensor acc = at::empty({n}, x.options().dtype(decomm::accumulator_dtype(t)));
+    decomm::weighted_init(acc.data_ptr(), x.data_ptr(), self_w, n, t);
+    for (size_t j = 0; j < rs.size(); ++j) {
+      TORCH_CHECK(rs[j].is_contiguous() && rs[j].scalar_type() == t && rs[j].numel() == n,
+                  "neighbour tensor ", j, " must match x");
+      decomm::weighted_add(acc.data_ptr(), rs[j].data_ptr(), ws[j], n, t);
+    }
+    at::Tensor out = at::empty_like(x);
+    decomm::weighted_store(out.data_ptr(), acc.data_ptr(), n, t);
+    return out;
+  });
+}

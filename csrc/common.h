@@ -1,0 +1,72 @@
+// Shared types of the decomm C++ core: the error type, the per-message header
+// used to detect mismatched calls, and small helpers.
+#pragma once
+
+#include <mpi.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace decomm {
+
+// Raised for every misuse or communication failure; translated to Python's
+// decomm.DecommError by the bindings.
+class DecommError : public std::runtime_error {
+ public:
+  explicit DecommError(const std::string& what) : std::runtime_error(what) {}
+};
+
+constexpr int kMaxHeaderDims = 8;
+constexpr int kHeaderNameLen = 48;
+constexpr uint32_t kHeaderMagic = 0xDEC0AA11u;
+
+enum OpKind : int32_t {
+  kNeighborAllreduce = 1,
+  kAllreduce = 2,
+  kBroadcast = 3,
+  kAllgather = 4,
+  kNeighborAllgather = 5,
+  kBarrier = 6,
+};
+
+const char* op_kind_name(int32_t kind);
+
+// Describes one rank's side of a call. Every message (point-to-point) or every
+// collective (gathered once) carries it, so that ranks that disagree on the op,
+// the tensor's name, dtype or shape, the topology round or the call count find
+// out before any data is combined - instead of hanging or reading garbage.
+struct Header {
+  uint32_t magic = kHeaderMagic;
+  int32_t op = 0;
+  int64_t seq = 0;        // how many calls of this family this rank has made
+  int64_t round = -1;     // topology round (neighbour ops), -1 otherwise
+  uint64_t topo_hash = 0; // fingerprint of the topology in force
+  int32_t dtype = -1;     // c10::ScalarType as int
+  int32_t ndim = 0;
+  int64_t shape[kMaxHeaderDims] = {0};
+  uint64_t shape_hash = 0;  // covers shapes with more than kMaxHeaderDims dims
+  int64_t numel = 0;
+  int32_t root = -1;        // broadcast root
+  int32_t flags = 0;        // bit 0: average (allreduce)
+  char name[kHeaderNameLen] = {0};
+};
+
+Header make_header(int32_t op, int64_t seq, const at::Tensor& t, const std::string& name,
+                   int64_t round, uint64_t topo_hash);
+
+std::string describe_shape(const Header& h);
+std::string dtype_name(int32_t dtype);
+
+// Names the fields on which `theirs` differs from `mine`, e.g.
+// "shape [4, 5] vs [4, 6], dtype float32 vs float64". `ignore_first_dim`
+// serves allgather, where ranks may differ in the first dimension.
+std::string header_diff(const Header& mine, const Header& theirs, bool ignore_first_dim,
+                        bool compare_root);
+
+// Raise DecommError on an MPI failure code, naming the call.
+void check_mpi(int code, const char* what);
+
+}  // namespace decomm

@@ -1,0 +1,127 @@
+// The MPI backend: point-to-point neighbour ops and collectives over a
+// communicator duplicated from the one mpi4py hands us, with a progress
+// thread that drives non-blocking handles while Python computes.
+#pragma once
+
+#include "common.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+namespace decomm {
+
+class MpiBackend;
+
+// One in-flight operation. `advance()` is called repeatedly (by the caller's
+// thread for blocking ops, by the progress thread for handles) until it
+// returns true; then `error` is empty on success.
+class Op {
+ public:
+  virtual ~Op() = default;
+  bool advance();  // returns true once finished (successfully or not)
+  bool finished() const { return finished_.load(); }
+  const std::string& error() const { return error_; }
+  at::Tensor result;
+
+ protected:
+  Op(MpiBackend* be, int32_t kind, std::string name);
+  virtual bool step() = 0;        // drive MPI; true when all requests are done
+  virtual std::string pending() const = 0;  // who we are still waiting for
+  void fail(const std::string& msg);
+  virtual void abandon_requests();
+
+  MpiBackend* be_;
+  int32_t kind_;
+  std::string name_;
+  std::vector<MPI_Request> reqs_;
+  std::chrono::steady_clock::time_point deadline_;
+  std::string error_;
+  std::atomic<bool> finished_{false};
+  std::vector<at::Tensor> keep_alive_;  // buffers MPI may still touch
+
+  friend class MpiBackend;
+};
+
+// The Python-visible handle of a non-blocking op.
+class Handle {
+ public:
+  explicit Handle(std::shared_ptr<Op> op, MpiBackend* be) : op_(std::move(op)), be_(be) {}
+  bool poll();
+  at::Tensor wait();  // raises DecommError on failure
+ private:
+  std::shared_ptr<Op> op_;
+  MpiBackend* be_;
+};
+
+struct Peers {
+  std::vector<int64_t> ranks;
+  std::vector<double> weights;
+};
+
+class MpiBackend {
+ public:
+  MpiBackend(int64_t comm_f, double timeout_s, bool check);
+  ~MpiBackend();
+  void close();
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  bool has_progress_thread() const { return progress_.joinable(); }
+  void set_timeout(double s) { timeout_s_ = s; }
+  double timeout() const { return timeout_s_; }
+  void set_check(bool c) { check_ = c; }
+
+  // out = self_weight * x + sum_j src.weights[j] * x_j over src.ranks, while x
+  // (scaled by dst.weights) is sent to every rank in dst.ranks.
+  std::shared_ptr<Handle> neighbor_allreduce(const at::Tensor& x, const at::Tensor& out,
+                                             double self_weight, const Peers& src,
+                                             const Peers& dst, const std::string& name,
+                                             int64_t round, uint64_t topo_hash, bool async);
+  at::Tensor neighbor_allgather(const at::Tensor& x, const std::vector<int64_t>& src,
+                                const std::vector<int64_t>& dst, const std::string& name,
+                                int64_t round, uint64_t topo_hash);
+  std::shared_ptr<Handle> allreduce(const at::Tensor& x, const at::Tensor& out, bool average,
+                                    const std::string& name, bool async);
+  void broadcast(const at::Tensor& inout, int root, const std::string& name);
+  at::Tensor allgather(const at::Tensor& x, const std::string& name);
+  void barrier();
+
+  // Runs `op` to completion on this thread (GIL released by the caller).
+  void run(Op& op);
+  std::chrono::steady_clock::time_point deadline() const;
+
+  std::atomic<int64_t> bytes_sent{0};
+  std::atomic<int64_t> bytes_received{0};
+  MPI_Comm comm() const { return comm_; }
+
+ private:
+  void progress_loop();
+  void enqueue(std::shared_ptr<Op> op);
+  // Gathers every rank's header and raises on all ranks if any differ.
+  std::vector<Header> check_collective(const Header& mine, bool ignore_first_dim,
+                                       bool compare_root);
+
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  int rank_ = 0, size_ = 1;
+  double timeout_s_;
+  bool check_;
+  int64_t p2p_seq_ = 0, coll_seq_ = 0;
+
+  std::thread progress_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Op>> active_;
+  bool stop_ = false;
+  std::vector<std::shared_ptr<Op>> graveyard_;  // timed-out ops whose buffers MPI may hold
+
+  friend class Handle;
+  friend class Op;
+  friend class NeighborAllreduceOp;
+};
+
+}  // namespace decomm

@@ -1,0 +1,78 @@
+"""decomm: decentralized-learning communication for PyTorch.
+
+Every rank keeps its own model and averages with a few neighbours per step
+(``neighbor_allreduce``) over a topology that may change every step - Base-(k+1),
+exponential, ring, EquiDyn, ... Typical use, launched with ``decomm-run -np 8 python
+train.py`` (or ``mpirun``)::
+
+    import decomm
+    decomm.init()
+    decomm.set_topology(decomm.topology.BaseGraph(decomm.size(), k=2))
+    opt = decomm.optim.DSGD(torch.optim.SGD(model.parameters(), lr=0.1))
+
+Convention: ``W[i, j]`` is the weight rank i gives to the value received from rank j;
+one round of gossip is ``x <- W @ x``.
+"""
+
+from . import topology
+from ._version import __version__
+from .backends import built_with_cuda, cuda_available, nccl_available
+from .errors import DecommError
+from .ops import (
+    Handle,
+    allgather,
+    allreduce,
+    allreduce_,
+    allreduce_nonblocking,
+    allreduce_nonblocking_,
+    barrier,
+    broadcast,
+    broadcast_,
+    broadcast_parameters,
+    neighbor_allgather,
+    neighbor_allreduce,
+    neighbor_allreduce_,
+    neighbor_allreduce_nonblocking,
+    neighbor_allreduce_nonblocking_,
+    poll,
+    synchronize,
+)
+from .runtime import (  # noqa: I001
+    advance_round,
+    current_round,
+    get_topology,
+    in_neighbors,
+    init,
+    is_initialized,
+    local_rank,
+    local_size,
+    mpi_library_version,
+    out_neighbors,
+    rank,
+    reset_stats,
+    set_round,
+    set_topology,
+    shutdown,
+    size,
+    stats,
+)
+
+__all__ = [
+    "__version__", "topology", "DecommError", "Handle",
+    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
+    "set_topology", "get_topology", "current_round", "advance_round", "set_round",
+    "in_neighbors", "out_neighbors", "stats", "reset_stats", "mpi_library_version",
+    "neighbor_allreduce", "neighbor_allreduce_", "neighbor_allreduce_nonblocking",
+    "neighbor_allreduce_nonblocking_", "allreduce", "allreduce_", "allreduce_nonblocking",
+    "allreduce_nonblocking_", "broadcast", "broadcast_", "broadcast_parameters", "allgather",
+    "neighbor_allgather", "barrier", "synchronize", "poll",
+    "built_with_cuda", "cuda_available", "nccl_available",
+]
+
+
+def __getattr__(name: str):  # lazy subpackages: optimizers and simulator pull in more
+    if name in ("optim", "sim"):
+        import importlib
+
+        return importlib.import_module(f"decomm.{name}")
+    raise AttributeError(f"module 'decomm' has no attribute {name!r}")

@@ -1,0 +1,33 @@
+"""Which backends this decomm build and this machine provide."""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["cuda_available", "nccl_available", "built_with_cuda"]
+
+
+def built_with_cuda() -> bool:
+    """True when the CUDA/NCCL extension (``decomm._C_cuda``) was compiled into this install."""
+    try:
+        importlib.import_module("decomm._C_cuda")
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_available() -> bool:
+    """True when decomm was built with CUDA and a CUDA device is visible."""
+    if not built_with_cuda():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def nccl_available() -> bool:
+    """True when the NCCL backend was built and CUDA is usable here."""
+    if not cuda_available():
+        return False
+    mod = importlib.import_module("decomm._C_cuda")
+    return bool(getattr(mod, "has_nccl", lambda: False)())

@@ -1,0 +1,425 @@
+"""Communication ops: a thin Python layer over decomm's C++ core.
+
+Every op validates its input here (dtype, device, weights, ranks) and hands a
+contiguous CPU tensor to ``decomm._C``, which does the messaging and the fused
+arithmetic. Ops are collective: every rank involved must make the same calls in
+the same order; ranks that disagree (op, name, shape, dtype, topology round, call
+count) get a :class:`~decomm.errors.DecommError` naming the ranks and fields, and a
+neighbour that never arrives raises after the timeout set at ``init``.
+
+Tensors may be torch tensors or numpy arrays; results come back as the type given.
+Ops do not record autograd history (they act on ``tensor.detach()``).
+
+Convention (DESIGN.md): with ``W`` the current round's mixing matrix, rank i's
+``neighbor_allreduce`` returns ``W[i, i] x_i + sum_j W[i, j] x_j`` over its
+in-neighbours j, summed in a fixed order (self, then ascending rank), so the result
+is bitwise identical on every run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import runtime
+from .errors import DecommError
+
+__all__ = [
+    "Handle", "neighbor_allreduce", "neighbor_allreduce_", "neighbor_allreduce_nonblocking",
+    "neighbor_allreduce_nonblocking_", "allreduce", "allreduce_", "allreduce_nonblocking",
+    "allreduce_nonblocking_", "broadcast", "broadcast_", "broadcast_parameters", "allgather",
+    "neighbor_allgather", "barrier", "synchronize", "poll",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCIBLE_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+class Handle:
+    """A non-blocking op in flight. ``wait()`` returns its result; ``poll()`` says if done.
+
+    Do not read or write the tensor given to the op until ``wait()`` returns.
+    """
+
+    def __init__(self, c_handle: Any, finish: Any, keep: tuple = ()) -> None:
+        self._c = c_handle
+        self._finish = finish
+        self._keep = keep  # tensors the C++ side reads or writes until completion
+        self._result: Any = None
+        self._done = False
+
+    def poll(self) -> bool:
+        """True once the op has completed (successfully or not); never blocks."""
+        return self._done or bool(self._c.poll())
+
+    def wait(self) -> Any:
+        """Block until done and return the result; raises DecommError if the op failed."""
+        if not self._done:
+            out = self._c.wait()
+            self._result = self._finish(out)
+            self._done = True
+            self._keep = ()
+        return self._result
+
+
+def synchronize(handle: Handle) -> Any:
+    """Wait for ``handle`` and return its result (same as ``handle.wait()``)."""
+    return handle.wait()
+
+
+def poll(handle: Handle) -> bool:
+    """True when ``handle`` has completed (same as ``handle.poll()``)."""
+    return handle.poll()
+
+
+# ----------------------------------------------------------------- validation
+def _name(name: Any, default: str) -> str:
+    if name is None:
+        return default
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    return name
+
+
+def _to_torch(obj: Any, op: str, name: str) -> tuple[torch.Tensor, Any]:
+    """(CPU torch view of obj, function turning a torch result back into obj's type)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cpu":
+            raise DecommError(
+                f"{op} '{name}' on rank {runtime.rank()}: tensor is on {t.device}, but this "
+                "decomm build has no CUDA support (decomm.cuda_available() is False); move it "
+                "to the CPU")
+        return t, lambda r: r
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == np.float16 or obj.dtype.kind in "fiub":
+            return torch.from_numpy(np.ascontiguousarray(obj)), lambda r: r.numpy()
+        raise TypeError(f"{op} '{name}': numpy dtype {obj.dtype} is not supported")
+    raise TypeError(f"{op} '{name}': expected a torch.Tensor or numpy.ndarray, "
+                    f"got {type(obj).__name__}")
+
+
+def _check_float(t: torch.Tensor, op: str, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op} '{name}' on rank {runtime.rank()}: dtype {t.dtype} is not "
+                        "supported; use float16, bfloat16, float32 or float64")
+
+
+def _check_weight(w: Any, what: str, op: str, name: str, rank: int) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{op} '{name}' on rank {rank}: {what} must be a number, got {w!r}")
+    w = float(w)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"{op} '{name}' on rank {rank}: {what} = {w} must be finite and "
+                         "non-negative")
+    return w
+
+
+def _weight_map(obj: Any, what: str, op: str, name: str, state: Any) -> dict[int, float]:
+    """Validate a {rank: weight} mapping (or an iterable of ranks, each weight 1)."""
+    if isinstance(obj, Mapping):
+        items = list(obj.items())
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        items = [(r, 1.0) for r in obj]
+    else:
+        raise TypeError(f"{op} '{name}': {what} must be a dict {{rank: weight}}, "
+                        f"got {type(obj).__name__}")
+    out: dict[int, float] = {}
+    for r, w in items:
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+            raise TypeError(f"{op} '{name}' on rank {state.rank}: {what} key {r!r} is not a rank")
+        r = int(r)
+        if not 0 <= r < state.size:
+            raise ValueError(f"{op} '{name}' on rank {state.rank}: {what} names rank {r}, out of "
+                             f"range for {state.size} ranks")
+        if r == state.rank:
+            raise ValueError(f"{op} '{name}' on rank {state.rank}: {what} names this rank itself "
+                             "(give its weight as self_weight)")
+        out[r] = _check_weight(w, f"{what}[{r}]", op, name, state.rank)
+    return out
+
+
+def _resolve(self_weight: Any, src_weights: Any, dst_weights: Any, name: str,
+             op: str = "neighbor_allreduce") -> tuple[float, list[int], list[float], list[int],
+                                                       list[float], int]:
+    """(self weight, src ranks, src weights, dst ranks, dst weights, round) for this call."""
+    state = runtime._require()
+    plan, t = runtime._plan(state)
+    if dst_weights is None:
+        if (self_weight is None) != (src_weights is None):
+            raise ValueError(f"{op} '{name}' on rank {state.rank}: give self_weight and "
+                             "src_weights together (or neither, to use the topology's weights)")
+        dst = plan.dst_ranks
+        dst_w = [1.0] * len(dst)
+        if self_weight is None:
+            return plan.self_weight, plan.src_ranks, plan.src_weights, dst, dst_w, t
+        sw = _check_weight(self_weight, "self_weight", op, name, state.rank)
+        given = _weight_map(src_weights, "src_weights", op, name, state)
+        extra = sorted(set(given) - set(plan.src_ranks))
+        if extra:
+            raise ValueError(
+                f"{op} '{name}' on rank {state.rank}: src_weights names rank(s) {extra}, which "
+                f"are not in-neighbours in round {t} of {state.topology.name} (in-neighbours: "
+                f"{plan.src_ranks}); pass dst_weights too to use a different graph for one call")
+        # Every in-neighbour sends regardless, so receive from all; unnamed ones weigh 0.
+        return sw, plan.src_ranks, [given.get(j, 0.0) for j in plan.src_ranks], dst, dst_w, t
+    if self_weight is None or src_weights is None:
+        raise ValueError(f"{op} '{name}' on rank {state.rank}: with dst_weights, also give "
+                         "self_weight and src_weights (together they define this call's graph)")
+    sw = _check_weight(self_weight, "self_weight", op, name, state.rank)
+    src = _weight_map(src_weights, "src_weights", op, name, state)
+    dst = _weight_map(dst_weights, "dst_weights", op, name, state)
+    src_r = sorted(src)
+    dst_r = sorted(dst)
+    return sw, src_r, [src[j] for j in src_r], dst_r, [dst[j] for j in dst_r], t
+
+
+# --------------------------------------------------------- neighbor_allreduce
+def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_weights: Any,
+                        name: Any, inplace: bool, nonblocking: bool) -> Any:
+    name = _name(name, "neighbor_allreduce")
+    state = runtime._require()
+    t, back = _to_torch(tensor, "neighbor_allreduce", name)
+    _check_float(t, "neighbor_allreduce", name)
+    sw, src, src_w, dst, dst_w, rnd = _resolve(self_weight, src_weights, dst_weights, name)
+    x = t if t.is_contiguous() else t.contiguous()
+    if inplace:
+        out = x
+    else:
+        out = torch.empty(x.shape, dtype=x.dtype)
+    h = state.backend.neighbor_allreduce(x, out, sw, src, src_w, dst, dst_w, name, rnd,
+                                         state.topo_hash, nonblocking)
+
+    def finish(result: torch.Tensor) -> Any:
+        if inplace:
+            if result.data_ptr() != t.data_ptr():
+                t.copy_(result)
+            return tensor
+        return back(result)
+
+    if nonblocking:
+        return Handle(h, finish, (x, out, t))
+    return finish(out)
+
+
+def neighbor_allreduce(tensor: Any, *, self_weight: float | None = None,
+                       src_weights: Mapping[int, float] | None = None,
+                       dst_weights: Mapping[int, float] | None = None,
+                       name: str | None = None) -> Any:
+    """Weighted average with the in-neighbours of the current round; returns a new tensor.
+
+    Rank i gets ``self_weight * x_i + sum_j src_weights[j] * (dst_weights_j[i] * x_j)``;
+    by default ``self_weight = W[i, i]``, ``src_weights = {j: W[i, j]}`` from the topology
+    at ``current_round()`` and every message is sent unscaled, i.e. ``(W @ x)_i``.
+
+    Args:
+        tensor: float16/bfloat16/float32/float64 tensor (any shape, contiguous or not,
+            0-d and empty included), the same shape and dtype on every rank.
+        self_weight, src_weights: override the topology's weights for this call; give both.
+            ``src_weights`` keys must be in-neighbours (unnamed ones get weight 0).
+        dst_weights: ``{rank: w}`` - send ``w * x_i`` to exactly these ranks, overriding the
+            topology's out-neighbours for this call (a per-call dynamic graph, as in
+            BlueFog); then ``src_weights`` names exactly the ranks this rank receives from.
+        name: a label; ranks must agree on it (it appears in error messages).
+
+    Returns:
+        A new contiguous tensor of the input's shape and dtype (numpy in, numpy out).
+    """
+    return _neighbor_allreduce(tensor, self_weight, src_weights, dst_weights, name, False, False)
+
+
+def neighbor_allreduce_(tensor: Any, *, self_weight: float | None = None,
+                        src_weights: Mapping[int, float] | None = None,
+                        dst_weights: Mapping[int, float] | None = None,
+                        name: str | None = None) -> Any:
+    """In-place :func:`neighbor_allreduce`: writes the result into ``tensor`` and returns it."""
+    return _neighbor_allreduce(tensor, self_weight, src_weights, dst_weights, name, True, False)
+
+
+def neighbor_allreduce_nonblocking(tensor: Any, *, self_weight: float | None = None,
+                                   src_weights: Mapping[int, float] | None = None,
+                                   dst_weights: Mapping[int, float] | None = None,
+                                   name: str | None = None) -> Handle:
+    """Start :func:`neighbor_allreduce` and return a :class:`Handle` at once.
+
+    The exchange and the weighted sum progress on decomm's background thread while
+    Python computes; ``handle.wait()`` returns the new tensor. Do not modify
+    ``tensor`` before then.
+    """
+    return _neighbor_allreduce(tensor, self_weight, src_weights, dst_weights, name, False, True)
+
+
+def neighbor_allreduce_nonblocking_(tensor: Any, *, self_weight: float | None = None,
+                                    src_weights: Mapping[int, float] | None = None,
+                                    dst_weights: Mapping[int, float] | None = None,
+                                    name: str | None = None) -> Handle:
+    """In-place non-blocking :func:`neighbor_allreduce`; ``wait()`` returns ``tensor``."""
+    return _neighbor_allreduce(tensor, self_weight, src_weights, dst_weights, name, True, True)
+
+
+# ------------------------------------------------------------------ allreduce
+def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking: bool) -> Any:
+    name = _name(name, "allreduce")
+    state = runtime._require()
+    t, back = _to_torch(tensor, "allreduce", name)
+    if t.dtype in _REDUCIBLE_INT_DTYPES:
+        if average:
+            raise TypeError(f"allreduce '{name}' on rank {state.rank}: average=True needs a "
+                            f"floating tensor, got {t.dtype}; use average=False for a sum")
+    elif t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"allreduce '{name}' on rank {state.rank}: dtype {t.dtype} is not "
+                        "supported")
+    # Half precision is summed in float32 (MPI has no float16 sum; it is also more exact).
+    wide = t.dtype in (torch.float16, torch.bfloat16)
+    x = t.float() if wide else (t if t.is_contiguous() else t.contiguous())
+    out = x if (inplace or wide) else torch.empty(x.shape, dtype=x.dtype)
+    h = state.backend.allreduce(x, out, bool(average), name, nonblocking)
+
+    def finish(result: torch.Tensor) -> Any:
+        if inplace:
+            if result.data_ptr() != t.data_ptr():
+                t.copy_(result)
+            return tensor
+        return back(result.to(t.dtype) if wide else result)
+
+    if nonblocking:
+        return Handle(h, finish, (x, out, t))
+    return finish(out)
+
+
+def allreduce(tensor: Any, *, average: bool = True, name: str | None = None) -> Any:
+    """Sum (or mean, ``average=True``) of ``tensor`` over all ranks; returns a new tensor.
+
+    Floating tensors (half precision summed in float32) or, with ``average=False``,
+    integer tensors. Same shape and dtype on every rank.
+    """
+    return _allreduce(tensor, average, name, False, False)
+
+
+def allreduce_(tensor: Any, *, average: bool = True, name: str | None = None) -> Any:
+    """In-place :func:`allreduce`."""
+    return _allreduce(tensor, average, name, True, False)
+
+
+def allreduce_nonblocking(tensor: Any, *, average: bool = True,
+                          name: str | None = None) -> Handle:
+    """Start :func:`allreduce`; ``handle.wait()`` returns the result."""
+    return _allreduce(tensor, average, name, False, True)
+
+
+def allreduce_nonblocking_(tensor: Any, *, average: bool = True,
+                           name: str | None = None) -> Handle:
+    """Start an in-place :func:`allreduce`."""
+    return _allreduce(tensor, average, name, True, True)
+
+
+# ------------------------------------------------------------------ broadcast
+def _check_root(root: Any, op: str, name: str) -> int:
+    state = runtime._require()
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
+        raise TypeError(f"{op} '{name}': root must be an int rank, got {root!r}")
+    if not 0 <= int(root) < state.size:
+        raise ValueError(f"{op} '{name}' on rank {state.rank}: root={root} is out of range for "
+                         f"{state.size} ranks")
+    return int(root)
+
+
+def broadcast_(tensor: Any, root: int, *, name: str | None = None) -> Any:
+    """Overwrite ``tensor`` on every rank with root's value; returns ``tensor``.
+
+    Any dtype; same shape and dtype on every rank.
+    """
+    name = _name(name, "broadcast")
+    root = _check_root(root, "broadcast", name)
+    t, _ = _to_torch(tensor, "broadcast", name)
+    x = t if t.is_contiguous() else t.contiguous()
+    runtime._require().backend.broadcast(x, root, name)
+    if x.data_ptr() != t.data_ptr():
+        t.copy_(x)
+    return tensor
+
+
+def broadcast(tensor: Any, root: int, *, name: str | None = None) -> Any:
+    """Root's ``tensor`` on every rank, as a new tensor (the input is left unchanged)."""
+    name = _name(name, "broadcast")
+    root = _check_root(root, "broadcast", name)
+    t, back = _to_torch(tensor, "broadcast", name)
+    out = t.clone(memory_format=torch.contiguous_format)
+    runtime._require().backend.broadcast(out, root, name)
+    return back(out)
+
+
+def broadcast_parameters(params: Any, root: int = 0) -> None:
+    """Make every rank's parameters equal to root's, in place.
+
+    ``params``: a ``state_dict``-like mapping name -> tensor, an iterable of
+    ``(name, tensor)`` pairs (``model.named_parameters()``), or a ``torch.nn.Module``.
+    Tensors of one dtype travel in one flat buffer (one broadcast per dtype).
+    """
+    if isinstance(params, torch.nn.Module):
+        items = list(params.state_dict().items())
+    elif isinstance(params, Mapping):
+        items = list(params.items())
+    else:
+        items = list(params)
+    named: list[tuple[str, torch.Tensor]] = []
+    for entry in items:
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise TypeError("broadcast_parameters expects a mapping or (name, tensor) pairs")
+        key, value = entry
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"broadcast_parameters: {key!r} is a {type(value).__name__}, "
+                            "not a tensor")
+        named.append((str(key), value))
+    root = _check_root(root, "broadcast_parameters", "parameters")
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in named:
+        by_dtype.setdefault(value.dtype, []).append((key, value))
+    with torch.no_grad():
+        for dtype in sorted(by_dtype, key=str):
+            group = by_dtype[dtype]
+            flat = torch.cat([v.detach().reshape(-1) for _, v in group]) if group else None
+            label = f"broadcast_parameters.{str(dtype).replace('torch.', '')}.{len(group)}"
+            runtime._require().backend.broadcast(flat, root, label)
+            offset = 0
+            for _, v in group:
+                n = v.numel()
+                v.copy_(flat[offset:offset + n].view(v.shape))
+                offset += n
+
+
+# ------------------------------------------------------------------ allgather
+def allgather(tensor: Any, *, name: str | None = None) -> Any:
+    """Concatenate every rank's tensor along dim 0, in rank order.
+
+    Ranks may differ in the first dimension only. A 0-d tensor counts as shape (1,),
+    so the result has shape (size(),).
+    """
+    name = _name(name, "allgather")
+    t, back = _to_torch(tensor, "allgather", name)
+    x = t.reshape(1) if t.dim() == 0 else (t if t.is_contiguous() else t.contiguous())
+    return back(runtime._require().backend.allgather(x, name))
+
+
+def neighbor_allgather(tensor: Any, *, name: str | None = None) -> Any:
+    """Concatenate the in-neighbours' tensors (ascending rank, this rank excluded) on dim 0.
+
+    Uses the current round's topology; ranks may differ in the first dimension. With no
+    in-neighbours the result has first dimension 0.
+    """
+    name = _name(name, "neighbor_allgather")
+    state = runtime._require()
+    t, back = _to_torch(tensor, "neighbor_allgather", name)
+    x = t.reshape(1) if t.dim() == 0 else (t if t.is_contiguous() else t.contiguous())
+    plan, rnd = runtime._plan(state)
+    return back(state.backend.neighbor_allgather(x, plan.src_ranks, plan.dst_ranks, name, rnd,
+                                                 state.topo_hash))
+
+
+def barrier() -> None:
+    """Wait until every rank has called barrier() (bounded by the timeout)."""
+    runtime._require().backend.barrier()

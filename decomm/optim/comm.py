@@ -1,0 +1,209 @@
+"""The mixing back-ends the optimizer wrappers talk to.
+
+A wrapper never calls MPI directly: it holds a :class:`Communicator` and uses
+only the handful of methods below.  :class:`MPICommunicator` forwards them to
+the decomm runtime (``decomm.neighbor_allreduce_`` etc.); the simulator
+(:mod:`decomm.sim`) gives each virtual node a communicator of its own and does
+the mixing itself, between the wrappers' local and finishing phases.  The
+algorithm algebra therefore exists once, in the wrappers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = ["Communicator", "Handle", "LocalCommunicator", "MPICommunicator", "decomm_error"]
+
+
+@runtime_checkable
+class Handle(Protocol):
+    """A pending non-blocking operation."""
+
+    def wait(self) -> Tensor: ...
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What a wrapper needs from the outside world.
+
+    ``supports_nonblocking`` tells a wrapper whether it may start an exchange
+    early (``neighbor_allreduce_nonblocking_``) to overlap it with compute.
+    """
+
+    supports_nonblocking: bool
+
+    def rank(self) -> int: ...
+
+    def size(self) -> int: ...
+
+    def topology(self) -> Any: ...
+
+    def current_round(self) -> int: ...
+
+    def advance_round(self) -> None: ...
+
+    def set_round(self, round_: int) -> None: ...
+
+    def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor: ...
+
+    def neighbor_allreduce_nonblocking_(
+        self, tensor: Tensor, name: str | None = None
+    ) -> Handle: ...
+
+    def allreduce_(
+        self, tensor: Tensor, average: bool = True, name: str | None = None
+    ) -> Tensor: ...
+
+    def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor: ...
+
+    def allgather(self, tensor: Tensor, name: str | None = None) -> Tensor: ...
+
+
+def decomm_error() -> type[Exception]:
+    """``decomm.DecommError`` (``RuntimeError`` if the runtime is not importable)."""
+    try:
+        from decomm.errors import DecommError
+
+        return DecommError
+    except ImportError:
+        pass
+    try:
+        import decomm
+
+        return decomm.DecommError  # type: ignore[attr-defined, no-any-return]
+    except (ImportError, AttributeError):
+        return RuntimeError
+
+
+def _decomm() -> Any:
+    import decomm  # late import: decomm/__init__ may import decomm.optim
+
+    return decomm
+
+
+class MPICommunicator:
+    """Forwards to the process-wide decomm runtime (``decomm.init()`` first)."""
+
+    supports_nonblocking = True
+
+    def __init__(self) -> None:
+        dc = _decomm()
+        is_init = getattr(dc, "is_initialized", None)
+        if is_init is None or not is_init():
+            raise decomm_error()(
+                "decomm is not initialised: call decomm.init() before creating a "
+                "decomm.optim wrapper (or pass communicator=... / use decomm.sim)"
+            )
+        self._dc = dc
+
+    def rank(self) -> int:
+        return int(self._dc.rank())
+
+    def size(self) -> int:
+        return int(self._dc.size())
+
+    def topology(self) -> Any:
+        return self._dc.get_topology()
+
+    def current_round(self) -> int:
+        return int(self._dc.current_round())
+
+    def advance_round(self) -> None:
+        self._dc.advance_round()
+
+    def set_round(self, round_: int) -> None:
+        dc = self._dc
+        setter = getattr(dc, "set_round", None)
+        if setter is None:
+            setter = getattr(getattr(dc, "runtime", None), "set_round", None)
+        if setter is not None:
+            setter(int(round_))
+            return
+        topo = dc.get_topology()
+        if topo is None:
+            return
+        dc.set_topology(topo, start_round=int(round_))
+
+    def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
+        return self._dc.neighbor_allreduce_(tensor, name=name)
+
+    def neighbor_allreduce_nonblocking_(
+        self, tensor: Tensor, name: str | None = None
+    ) -> Handle:
+        return self._dc.neighbor_allreduce_nonblocking_(tensor, name=name)
+
+    def allreduce_(
+        self, tensor: Tensor, average: bool = True, name: str | None = None
+    ) -> Tensor:
+        return self._dc.allreduce_(tensor, average=average, name=name)
+
+    def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor:
+        return self._dc.broadcast_(tensor, root, name=name)
+
+    def allgather(self, tensor: Tensor, name: str | None = None) -> Tensor:
+        return self._dc.allgather(tensor, name=name)
+
+
+class LocalCommunicator:
+    """A single node with nobody to talk to (``W = [[1]]``): every mix is a no-op.
+
+    Useful to run a wrapper without MPI (n = 1) and in tests.
+    """
+
+    supports_nonblocking = False
+
+    def __init__(self) -> None:
+        self._round = 0
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 1
+
+    def topology(self) -> Any:
+        return None
+
+    def current_round(self) -> int:
+        return self._round
+
+    def advance_round(self) -> None:
+        self._round += 1
+
+    def set_round(self, round_: int) -> None:
+        self._round = int(round_)
+
+    def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
+        return tensor
+
+    def neighbor_allreduce_nonblocking_(
+        self, tensor: Tensor, name: str | None = None
+    ) -> Handle:
+        raise NotImplementedError
+
+    def allreduce_(
+        self, tensor: Tensor, average: bool = True, name: str | None = None
+    ) -> Tensor:
+        return tensor
+
+    def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor:
+        return tensor
+
+    def allgather(self, tensor: Tensor, name: str | None = None) -> Tensor:
+        return tensor.clone()
+
+
+def flatten_float64(tensors: Iterable[Tensor], extra: int = 0) -> Tensor:
+    """Concatenate tensors into one new float64 vector with ``extra`` trailing zeros."""
+    ts = [t.detach().reshape(-1) for t in tensors]
+    total = sum(t.numel() for t in ts)
+    out = torch.zeros(total + extra, dtype=torch.float64)
+    off = 0
+    for t in ts:
+        out[off : off + t.numel()].copy_(t)
+        off += t.numel()
+    return out

@@ -1,0 +1,108 @@
+"""Decentralized SGD (DSGD), adapt-then-combine and adapt-with-combine."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._base import DecentralizedOptimizer, Mix
+from .comm import Communicator
+
+__all__ = ["DSGD"]
+
+
+class DSGD(DecentralizedOptimizer):
+    r"""Decentralized SGD over any torch optimizer.
+
+    Node ``i`` keeps its own parameters ``x_i``; ``u_i^t`` is the update the
+    wrapped optimizer computes from the local stochastic gradient
+    (``u = lr * g`` for plain SGD; momentum, Nesterov, Adam, AdamW all compose
+    because only ``u`` is used).  With the round's mixing matrix ``W(t)``:
+
+    * adapt-then-combine (ATC, default; Lian et al., "Can Decentralized
+      Algorithms Outperform Centralized Algorithms?", NeurIPS 2017)::
+
+          x_i^{t+1} = Σ_j W(t)[i, j] (x_j^t − u_j^t)
+
+    * adapt-with-combine (AWC, ``combine_first=True``)::
+
+          x_i^{t+1} = Σ_j W(t)[i, j] x_j^t − u_i^t
+
+      The message ``x^t`` does not depend on the new gradient, so its exchange
+      can run during the forward/backward pass.  With ``overlap=True``
+      (default) a post-accumulate-grad hook on the parameters starts it
+      (non-blocking) as soon as the first gradient of the backward pass is
+      ready; call :meth:`begin_communication` yourself (e.g. right after
+      ``step()``, to also hide it behind the forward pass) for earlier starts.
+      Without either, :meth:`step` exchanges synchronously.  Do not modify the
+      parameters between the start of the exchange and :meth:`step`.
+
+    Cost per communicating step: ATC mixes the parameters in place (they live
+    in one flat buffer per dtype), so beyond the inner step it costs exactly one
+    ``neighbor_allreduce_`` per dtype; AWC adds one copy into a scratch buffer
+    and two fused passes (``s = Wx − x``, ``x ← x − u + s``).
+    """
+
+    _stateful = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        combine_first: bool = False,
+        communicate_every: int = 1,
+        global_every: int | None = None,
+        overlap: bool = True,
+        broadcast_parameters: bool = True,
+        check_parameters: bool = True,
+        communicator: Communicator | None = None,
+    ) -> None:
+        self.combine_first = bool(combine_first)
+        self._scratch: list[Tensor] = []
+        super().__init__(
+            optimizer,
+            communicate_every=communicate_every,
+            global_every=global_every,
+            broadcast_parameters=broadcast_parameters,
+            check_parameters=check_parameters,
+            communicator=communicator,
+        )
+        if self.combine_first and overlap and getattr(self._comm, "supports_nonblocking", False):
+            self._install_hooks()
+
+    @property
+    def _can_prefetch(self) -> bool:  # type: ignore[override]
+        return self.combine_first
+
+    def _setup(self) -> None:
+        self._scratch = (
+            [b.new_state(None) for b in self._buckets] if self.combine_first else []
+        )
+
+    def _mix_buffers(self) -> list[Tensor]:
+        if self.combine_first:
+            return self._scratch
+        return [b.buffer for b in self._buckets]
+
+    def _local_phase(self, mix: Mix) -> None:
+        if not self.combine_first:
+            self._inner_step()  # x ← x − u; the parameters are the message
+        elif mix is not Mix.NONE:
+            for s, b in zip(self._scratch, self._buckets):
+                s.copy_(b.flat)  # message: x^t
+
+    def _finish_phase(self, mix: Mix) -> None:
+        if not self.combine_first:
+            return
+        if mix is Mix.NONE:
+            self._inner_step()
+            return
+        for s, b in zip(self._scratch, self._buckets):
+            s.sub_(b.flat)  # s = W x − x
+        self._inner_step()  # x ← x − u
+        for s, b in zip(self._scratch, self._buckets):
+            b.flat.add_(s)  # x ← W x − u
+
+    def __repr__(self) -> str:
+        r = super().__repr__()
+        return r[:-1] + ", combine_first=True)" if self.combine_first else r

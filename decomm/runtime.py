@@ -1,0 +1,315 @@
+"""Process-wide state of decomm: MPI setup, this rank's identity, the topology and its round.
+
+``init()`` brings up MPI (through mpi4py, which loads the same MPI library the C++
+core links against), duplicates the world communicator for decomm's own traffic and
+starts the C++ backend. The topology in force and the round counter live here: every
+neighbour op uses round ``current_round()`` of the topology, and the optimizer
+wrappers call ``advance_round()`` once per communication step, so a time-varying
+schedule such as ``BaseGraph(n, k)`` cycles through its rounds during training.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DecommError
+from .topology import ExponentialGraph, Topology
+
+__all__ = [
+    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
+    "set_topology", "get_topology", "current_round", "advance_round", "in_neighbors",
+    "out_neighbors", "stats", "reset_stats", "mpi_library_version",
+]
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass
+class _RoundPlan:
+    """This rank's part of one round: who it receives from / sends to, with weights."""
+
+    self_weight: float
+    src_ranks: list[int]
+    src_weights: list[float]
+    dst_ranks: list[int]
+
+
+@dataclass
+class _State:
+    comm: Any  # mpi4py.MPI.Comm
+    backend: Any  # decomm._C.MpiBackend
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    topology: Topology
+    topo_hash: int
+    round: int = 0
+    plans: dict[int, _RoundPlan] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_state: _State | None = None
+
+
+def _require() -> _State:
+    if _state is None:
+        raise DecommError("decomm is not initialized: call decomm.init() first")
+    return _state
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def init(backend: str = "auto", *, timeout: float | None = None, check: bool | None = None,
+         comm: Any = None, abort_on_error: bool = True) -> None:
+    """Start decomm on every rank (call once, on all ranks, before any op).
+
+    Args:
+        backend: ``"auto"`` (MPI for CPU tensors; NCCL for CUDA tensors when built),
+            ``"mpi"``, or ``"nccl"`` (raises if the NCCL backend was not built).
+        timeout: seconds a call may wait for its neighbours before raising
+            :class:`DecommError` naming the missing ranks; default ``DECOMM_TIMEOUT``
+            or 300.
+        check: compare each call's op, name, shape, dtype, topology round and call
+            count across the ranks involved (default on; ``DECOMM_CHECK=0`` turns it off).
+        comm: an mpi4py communicator to run on (default ``MPI.COMM_WORLD``).
+        abort_on_error: when an exception escapes the program on one rank, abort the
+            whole MPI job (as ``python -m mpi4py`` does) instead of leaving the other
+            ranks waiting.
+
+    The initial topology is ``ExponentialGraph(size())``, at round 0.
+    """
+    global _state
+    if backend not in ("auto", "mpi", "nccl"):
+        raise ValueError(f"backend must be 'auto', 'mpi' or 'nccl', got {backend!r}")
+    if _state is not None:
+        return
+    from . import _C
+    from . import backends as _backends
+
+    if backend == "nccl" and not _backends.nccl_available():
+        raise DecommError("backend='nccl' requested, but this decomm build has no NCCL "
+                          "backend (built without CUDA); use backend='auto' or 'mpi'")
+    from mpi4py import MPI
+
+    if timeout is None:
+        timeout = _env_float("DECOMM_TIMEOUT", DEFAULT_TIMEOUT_S)
+    elif timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+    if check is None:
+        check = os.environ.get("DECOMM_CHECK", "1") != "0"
+    world = comm if comm is not None else MPI.COMM_WORLD
+    be = _C.MpiBackend(world.py2f(), float(timeout), bool(check))
+    local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    topo = ExponentialGraph(world.Get_size())
+    _state = _State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),
+                    local_rank=local.Get_rank(), local_size=local.Get_size(),
+                    topology=topo, topo_hash=_hash64(topo))
+    local.Free()
+    atexit.register(shutdown)
+    if abort_on_error and _state.size > 1:
+        _install_abort_hook(world)
+
+
+def _install_abort_hook(world: Any) -> None:
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):  # noqa: ANN001 - signature fixed by sys.excepthook
+        previous(exc_type, exc, tb)
+        sys.stderr.write(f"[decomm] rank {world.Get_rank()}: uncaught {exc_type.__name__}; "
+                         "aborting the MPI job so the other ranks do not wait forever\n")
+        sys.stderr.flush()
+        world.Abort(1)
+
+    sys.excepthook = hook
+
+
+def shutdown() -> None:
+    """Stop the backend (pending handles fail). Safe to call twice; init() may follow."""
+    global _state
+    if _state is None:
+        return
+    state, _state = _state, None
+    state.backend.close()
+
+
+def is_initialized() -> bool:
+    """True between :func:`init` and :func:`shutdown`."""
+    return _state is not None
+
+
+def rank() -> int:
+    """This process's rank in ``[0, size())``."""
+    return _require().rank
+
+
+def size() -> int:
+    """Number of ranks (nodes of the topology)."""
+    return _require().size
+
+
+def local_rank() -> int:
+    """Rank among the processes on this machine (shared-memory node)."""
+    return _require().local_rank
+
+
+def local_size() -> int:
+    """Number of processes on this machine."""
+    return _require().local_size
+
+
+def _hash64(topo: Topology) -> int:
+    return int(topo.fingerprint()[:15], 16)
+
+
+def _as_topology(obj: Any) -> Topology:
+    if isinstance(obj, Topology):
+        return obj
+    if hasattr(obj, "ndim") or isinstance(obj, (list, tuple)):
+        return Topology.from_matrices(obj)
+    raise TypeError("set_topology expects a decomm.topology.Topology, an n x n mixing matrix "
+                    f"(numpy or torch) or a list of them, got {type(obj).__name__}")
+
+
+def set_topology(topology: Any, *, start_round: int = 0) -> None:
+    """Use ``topology`` for every neighbour op from now on, starting at ``start_round``.
+
+    ``topology`` is a :class:`~decomm.topology.Topology` (e.g. ``BaseGraph(size(), 2)``),
+    an n x n row-stochastic matrix ``W`` (numpy or torch; ``W[i, j]`` is the weight rank
+    i gives to rank j's value), or a list of such matrices used in turn.
+
+    Collective: every rank must call it with the same schedule. The ranks compare the
+    topology's fingerprint (one small allgather) and raise :class:`DecommError` naming
+    the ranks that differ, instead of hanging later.
+    """
+    state = _require()
+    topo = _as_topology(topology)
+    if topo.n != state.size:
+        raise ValueError(f"the topology has n={topo.n} nodes but decomm.size() is {state.size}; "
+                         f"build it for {state.size} nodes, e.g. BaseGraph(decomm.size(), k)")
+    if isinstance(start_round, bool) or not isinstance(start_round, int) or start_round < 0:
+        raise ValueError(f"start_round must be a non-negative int, got {start_round!r}")
+    if topo.rounds is not None and not topo.is_row_stochastic(1e-9):
+        raise ValueError(f"{topo.name}: every round must be row-stochastic")
+    digest = _hash64(topo)
+    _check_same_everywhere(state, digest, start_round, topo)
+    with state.lock:
+        state.topology = topo
+        state.topo_hash = digest
+        state.round = start_round
+        state.plans = {}
+
+
+def _check_same_everywhere(state: _State, digest: int, start_round: int, topo: Topology) -> None:
+    import torch
+
+    mine = torch.tensor([[digest, start_round]], dtype=torch.int64)
+    table = state.backend.allgather(mine, "set_topology")
+    differ = [r for r in range(state.size)
+              if int(table[r, 0]) != int(table[0, 0]) or int(table[r, 1]) != int(table[0, 1])]
+    if differ:
+        raise DecommError(
+            f"set_topology on rank {state.rank}: ranks {differ} set a different schedule or "
+            f"start_round than rank 0 (this rank: {topo.name}, start_round={start_round}); "
+            "every rank must pass the same topology")
+
+
+def get_topology() -> Topology:
+    """The topology in force."""
+    return _require().topology
+
+
+def current_round() -> int:
+    """The round number neighbour ops use now (the topology applies it modulo its length)."""
+    return _require().round
+
+
+def advance_round(steps: int = 1) -> int:
+    """Move the round counter forward by ``steps``; returns the new round."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    state = _require()
+    with state.lock:
+        state.round += steps
+        return state.round
+
+
+def set_round(round_: int) -> None:
+    """Set the round counter (used when resuming from a checkpoint)."""
+    if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+        raise ValueError(f"round must be a non-negative int, got {round_!r}")
+    state = _require()
+    with state.lock:
+        state.round = round_
+
+
+def _plan(state: _State) -> tuple[_RoundPlan, int]:
+    """This rank's plan for the current round (cached per distinct round)."""
+    topo = state.topology
+    t = state.round
+    key = topo.round_index(t)
+    plan = state.plans.get(key)
+    if plan is None:
+        self_w, inw = topo.weights(state.rank, t)
+        src = sorted(inw)
+        plan = _RoundPlan(self_w, src, [inw[j] for j in src], topo.out_neighbors(state.rank, t))
+        if topo.rounds is None and len(state.plans) > 64:
+            state.plans.clear()
+        state.plans[key] = plan
+    return plan, t
+
+
+def in_neighbors(rank: int | None = None) -> list[int]:
+    """In-neighbours (ranks whose values ``rank`` averages in) of the current round."""
+    state = _require()
+    r = state.rank if rank is None else _check_rank(rank, state, "rank")
+    return state.topology.in_neighbors(r, state.round)
+
+
+def out_neighbors(rank: int | None = None) -> list[int]:
+    """Out-neighbours (ranks that receive ``rank``'s value) of the current round."""
+    state = _require()
+    r = state.rank if rank is None else _check_rank(rank, state, "rank")
+    return state.topology.out_neighbors(r, state.round)
+
+
+def _check_rank(r: Any, state: _State, what: str) -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ValueError(f"{what} must be an int rank, got {r!r}")
+    if not 0 <= r < state.size:
+        raise ValueError(f"{what}={r} is out of range for {state.size} ranks")
+    return r
+
+
+def stats() -> dict[str, int]:
+    """Bytes this rank has sent and received through decomm since init or reset_stats()."""
+    be = _require().backend
+    return {"bytes_sent": int(be.bytes_sent), "bytes_received": int(be.bytes_received)}
+
+
+def reset_stats() -> None:
+    """Zero the counters that :func:`stats` reports."""
+    _require().backend.reset_counters()
+
+
+def mpi_library_version() -> str:
+    """The MPI library decomm's C++ core is running on."""
+    from . import _C
+
+    return _C.mpi_library_version().strip()

@@ -1,0 +1,133 @@
+"""EquiTopo graphs: EquiDyn (random one-peer rounds) and EquiStatic.
+
+Song, Li, Jin, Shi, Yan, Yin & Yuan, "Communication-efficient topologies for
+decentralized learning with O(1) consensus rate", NeurIPS 2022.
+
+Basis matrices (u = 1 .. n-1): ``A(u)[i, j] = (n-1)/n`` if ``i = (j + u) mod n``,
+``1/n`` if ``i = j``, else 0.  In decomm's row convention node i receives from
+``(i - u) mod n`` and sends to ``(i + u) mod n``.  Each A(u) is doubly stochastic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._build import check_n, check_seed, circulant, make
+from ._sparse import SparseRound
+from .core import Topology, _check_int
+
+__all__ = ["EquiDyn", "EquiStatic"]
+
+
+def _check_eta(eta: float) -> float:
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"eta must be a number in (0, 1], got {eta!r}") from exc
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"eta must be in (0, 1], got {eta}")
+    return eta
+
+
+def _one_peer_matching(n: int, u: int, shift: int, w: float) -> SparseRound:
+    """Undirected one-peer round along label difference u: each cycle
+    ``c, c+u, c+2u, ...`` of the map i -> i+u (gcd(n, u) cycles of length n/gcd) is cut
+    into consecutive pairs starting at position ``shift``; paired nodes exchange with
+    weight w (an odd cycle leaves one node idle)."""
+    g = int(np.gcd(n, u))
+    length = n // g
+    npairs = length // 2
+    first = (shift + 2 * np.arange(npairs, dtype=np.int64)) % length
+    cyc = np.arange(g, dtype=np.int64)[:, None]
+    a = (cyc + u * first[None, :]) % n
+    b = (cyc + u * ((first + 1) % length)[None, :]) % n
+    a, b = a.ravel(), b.ravel()
+    return SparseRound.from_coo(n, np.concatenate([a, b]), np.concatenate([b, a]),
+                                np.full(2 * a.size, w))
+
+
+def EquiDyn(n: int, eta: float = 0.5, undirected: bool = False, seed: int = 0) -> Topology:
+    """One-peer EquiDyn (Song et al. 2022): a seeded random family, ``rounds is None``.
+
+    Round t draws ``u`` uniformly from ``1 .. n-1`` with ``np.random.default_rng([seed, t])``
+    (so every rank gets the same round in O(n), without communication, for any t) and
+    uses
+
+    * directed (OD-EquiDyn, default): ``W = (1 - eta) I + eta A(u)``: node i receives
+      from ``(i - u) mod n`` with weight ``eta (n-1)/n`` and keeps
+      ``1 - eta (n-1)/n``; one in- and one out-neighbour; doubly stochastic.
+    * ``undirected=True`` (our one-peer undirected realisation, OU-EquiDyn-like):
+      the nodes are paired along label difference u (each cycle of ``i -> i + u`` is cut
+      into consecutive pairs from a random start drawn from the same generator) and a
+      pair exchanges with the same weight ``eta (n-1)/n``; symmetric, degree <= 1
+      (a node of an odd cycle idles).
+
+    Song et al. prove ``E ||W - J/n||_2 <= sqrt(2)/2`` for the directed family with
+    eta = 1/2, for every n: the consensus rate does not degrade with n.
+    ``spectral_gap()`` estimates ``1 - E ||W(t) - J/n||_2`` over rounds 0..63.
+    n = 1 gives identity rounds.
+
+    >>> t = EquiDyn(16, seed=3)
+    >>> t.rounds is None, t.in_neighbors(0, 5) == EquiDyn(16, seed=3).in_neighbors(0, 5)
+    (True, True)
+    >>> len(t.in_neighbors(0, 10**12)), t.weights(0, 0)[0]
+    (1, 0.53125)
+    """
+    n, seed = check_n(n), check_seed(seed)
+    eta = _check_eta(eta)
+    undirected = bool(undirected)
+    w = eta * (n - 1) / n
+
+    def generate(t: int) -> SparseRound:
+        if n == 1:
+            return SparseRound.identity(1)
+        rng = np.random.default_rng([seed, t])
+        u = int(rng.integers(1, n))
+        if not undirected:
+            return circulant(n, [u], [w], self_weight=(1.0 - eta) + eta / n)
+        shift = int(rng.integers(0, n // int(np.gcd(n, u))))
+        return _one_peer_matching(n, u, shift, w)
+
+    params = {"n": n, "eta": eta, "undirected": undirected, "seed": seed}
+    name = f"EquiDyn(n={n}, eta={eta:g}{', undirected' if undirected else ''}, seed={seed})"
+    return Topology(n, generator=generate, name=name, kind="EquiDyn", params=params)
+
+
+def EquiStatic(n: int, m: int, undirected: bool = False, seed: int = 0) -> Topology:
+    """EquiStatic (Song et al. 2022): a static sum of m random basis matrices.
+
+    Draws m *distinct* labels ``u_1..u_m`` from ``1 .. n-1`` with
+    ``np.random.default_rng(seed)`` (distinct, so the out-degree is exactly m; the
+    paper samples with replacement) and uses
+
+    * directed (D-EquiStatic): ``W = (1/m) sum_l A(u_l)``: node i receives from
+      ``(i - u_l) mod n`` with weight ``(n-1)/(n m)`` each; circulant, doubly stochastic;
+    * ``undirected=True`` (U-EquiStatic): ``W = (1/(2m)) sum_l (A(u_l) + A(u_l)^T)``,
+      symmetric, degree <= 2m.
+
+    Requires ``1 <= m <= n - 1`` (any m for n = 1, which gives the identity).
+
+    >>> t = EquiStatic(8, 2, seed=1)
+    >>> t.rounds, t.max_degree(), t.is_doubly_stochastic()
+    (1, 2, True)
+    """
+    n, seed = check_n(n), check_seed(seed)
+    m = _check_int(m, "m", 1)
+    undirected = bool(undirected)
+    if n > 1 and m > n - 1:
+        raise ValueError(f"m must be <= n - 1 = {n - 1} (distinct basis labels), got m={m}")
+    labels: list[int] = []
+    if n == 1:
+        rnd = SparseRound.identity(1)
+    else:
+        labels = sorted(int(u) for u in np.random.default_rng(seed).choice(
+            np.arange(1, n), size=m, replace=False))
+        w = (n - 1) / (n * m)
+        if undirected:
+            rnd = circulant(n, labels + [-u for u in labels], [w / 2] * (2 * m))
+        else:
+            rnd = circulant(n, labels, [w] * m)
+    params = {"n": n, "m": m, "undirected": undirected, "seed": seed}
+    topo = make("EquiStatic", params, [rnd], n)
+    topo.details["labels"] = labels
+    return topo

@@ -1,0 +1,223 @@
+"""Tests for ``decomm-run`` (decomm/launcher.py): command construction and exit codes.
+
+A fake ``mpirun`` (a small shell script) stands in for the real one, so these run
+in a single process without MPI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from decomm import launcher
+from decomm._version import __version__
+
+
+def _plan(argv: list[str], *, cpus: int = 2, uid: int = 1000, env: dict | None = None,
+          flavor: str = "openmpi") -> launcher.LaunchPlan:
+    args = launcher.parse_args(argv)
+    return launcher.build_plan(args, "/opt/mpi/bin/mpirun", flavor=flavor,
+                               env=env if env is not None else {}, cpu_count=cpus, uid=uid)
+
+
+def _fake_mpirun(tmp_path: Path, body: str, version: str = "mpirun (Open MPI) 5.0.11") -> Path:
+    script = tmp_path / "mpirun"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "--version" ]; then echo "{version}"; exit 0; fi\n'
+        f'echo "$@" > "{tmp_path}/args.txt"\n'
+        f"{body}\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return script
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+def test_plain_run_is_minimal() -> None:
+    plan = _plan(["-np", "2", "python", "train.py", "--epochs", "3"], cpus=4)
+    assert plan.argv == ["/opt/mpi/bin/mpirun", "-np", "2", "python", "train.py", "--epochs", "3"]
+    assert not plan.oversubscribed
+
+
+def test_oversubscribed_adds_flags_and_single_thread_env() -> None:
+    plan = _plan(["-np", "25", "python", "train.py"], cpus=2)
+    argv = plan.argv
+    assert plan.oversubscribed
+    assert "--oversubscribe" in argv
+    i = argv.index("--bind-to")
+    assert argv[i + 1] == "none"
+    for var in launcher.THREAD_VARS:
+        assert f"{var}=1" in argv
+        assert argv[argv.index(f"{var}=1") - 1] == "-x"
+    # mpirun options come before the program; the program comes last, untouched
+    assert argv[-4:] == ["-np", "25", "python", "train.py"]
+
+
+def test_exact_fit_is_not_oversubscribed() -> None:
+    plan = _plan(["-np", "2", "python", "t.py"], cpus=2)
+    assert "--oversubscribe" not in plan.argv and "-x" not in plan.argv
+
+
+def test_user_thread_setting_is_kept() -> None:
+    plan = _plan(["-np", "8", "python", "t.py"], cpus=2, env={"OMP_NUM_THREADS": "4"})
+    assert "OMP_NUM_THREADS=1" not in plan.argv
+    assert "MKL_NUM_THREADS=1" in plan.argv
+
+
+def test_root_gets_allow_run_as_root() -> None:
+    assert "--allow-run-as-root" in _plan(["-np", "1", "true"], uid=0, cpus=4).argv
+    assert "--allow-run-as-root" not in _plan(["-np", "1", "true"], uid=1000, cpus=4).argv
+    env = {"OMPI_ALLOW_RUN_AS_ROOT": "1"}
+    assert "--allow-run-as-root" in _plan(["-np", "1", "true"], uid=1000, env=env).argv
+
+
+def test_hostfile_disables_local_oversubscription_guess(tmp_path: Path) -> None:
+    plan = _plan(["-np", "64", "--hostfile", "hosts.txt", "python", "t.py"], cpus=2)
+    assert "--oversubscribe" not in plan.argv
+    assert plan.argv[plan.argv.index("--hostfile") + 1] == "hosts.txt"
+    forced = _plan(["-np", "64", "-H", "a:32,b:32", "--oversubscribe", "python", "t.py"])
+    assert "--oversubscribe" in forced.argv and "a:32,b:32" in forced.argv
+
+
+def test_exports_and_extra_args() -> None:
+    plan = _plan(["-np", "2", "-x", "FOO=bar baz", "-x", "HOME_DIR", "--mpi-args",
+                  "--tag-output --mca btl self,tcp", "python", "t.py"], cpus=4,
+                 env={"HOME_DIR": "/h"})
+    argv = plan.argv
+    assert argv[argv.index("FOO=bar baz") - 1] == "-x"
+    assert "HOME_DIR" in argv  # Open MPI reads the value from the environment itself
+    assert argv[argv.index("--mca") + 1 : argv.index("--mca") + 3] == ["btl", "self,tcp"]
+    assert "--tag-output" in argv
+    # the printed line round-trips through the shell
+    import shlex
+    assert shlex.split(plan.shell_line()) == argv
+
+
+def test_mpich_flavor_uses_genv_and_no_openmpi_flags() -> None:
+    plan = _plan(["-np", "8", "-x", "A=1", "python", "t.py"], cpus=2, uid=0, flavor="mpich")
+    argv = plan.argv
+    assert "--allow-run-as-root" not in argv and "--oversubscribe" not in argv
+    i = argv.index("-genv")
+    assert argv[i : i + 3] == ["-genv", "OMP_NUM_THREADS", "1"]
+    assert ["-genv", "A", "1"] == argv[argv.index("A") - 1 : argv.index("A") + 2]
+
+
+def test_double_dash_separator_and_program_flags_untouched() -> None:
+    plan = _plan(["-np", "2", "--", "python", "-u", "t.py", "-x", "--dry-run"], cpus=4)
+    assert plan.argv[-5:] == ["python", "-u", "t.py", "-x", "--dry-run"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "no command"),
+    (["-np", "2"], "no command"),
+    (["-np", "0", "python"], ">= 1"),
+    (["-np", "2", "-x", "1BAD=2", "python"], "VAR"),
+])
+def test_bad_arguments(argv: list[str], message: str) -> None:
+    with pytest.raises(launcher.LauncherError, match=message):
+        _plan(argv)
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        launcher.main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- finding mpirun
+
+
+def test_find_mpirun_explicit_and_missing(tmp_path: Path) -> None:
+    fake = _fake_mpirun(tmp_path, "exit 0")
+    assert launcher.find_mpirun(str(fake)) == str(fake)
+    with pytest.raises(launcher.LauncherError, match="not an executable"):
+        launcher.find_mpirun(str(tmp_path / "nope"))
+    with pytest.raises(launcher.LauncherError, match="not found on PATH"):
+        launcher.find_mpirun("definitely-not-an-mpirun", env={"PATH": str(tmp_path / "empty")})
+
+
+def test_find_mpirun_clear_error_when_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(launcher.LauncherError, match="no MPI launcher found"):
+        launcher.find_mpirun()
+    assert launcher.main(["-np", "2", "true"]) == 2
+
+
+def test_find_mpirun_prefers_interpreter_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = tmp_path / "venv" / "bin"
+    bindir.mkdir(parents=True)
+    fake = _fake_mpirun(bindir, "exit 0")
+    other = tmp_path / "other"
+    other.mkdir()
+    _fake_mpirun(other, "exit 0")
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", str(other))
+    assert launcher.find_mpirun() == str(fake)
+
+
+def test_detect_flavor(tmp_path: Path) -> None:
+    ompi = _fake_mpirun(tmp_path, "exit 0")
+    assert launcher.detect_flavor(str(ompi)) == "openmpi"
+    mpich_dir = tmp_path / "m"
+    mpich_dir.mkdir()
+    mpich = _fake_mpirun(mpich_dir, "exit 0", version="HYDRA build details: Version: 4.1")
+    assert launcher.detect_flavor(str(mpich)) == "mpich"
+    assert launcher.detect_flavor(str(tmp_path / "missing")) == "openmpi"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@pytest.mark.parametrize("code", [0, 1, 3, 42])
+def test_exit_code_is_forwarded(tmp_path: Path, code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = _fake_mpirun(tmp_path, f"exit {code}")
+    rc = launcher.main(["--mpirun", str(fake), "-np", "2", "python", "t.py", "--flag"])
+    assert rc == code
+    err = capsys.readouterr().err
+    assert f"{fake}" in err and "python t.py --flag" in err  # the line it ran is printed
+    args = (tmp_path / "args.txt").read_text().split()
+    assert args[-5:] == ["-np", "2", "python", "t.py", "--flag"]
+
+
+def test_signal_death_maps_to_128_plus_signal(tmp_path: Path) -> None:
+    fake = _fake_mpirun(tmp_path, "kill -TERM $$")
+    rc = launcher.main(["--mpirun", str(fake), "-np", "1", "true"])
+    assert rc == 128 + signal.SIGTERM
+
+
+def test_dry_run_does_not_execute(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake = _fake_mpirun(tmp_path, "exit 9")
+    rc = launcher.main(["--mpirun", str(fake), "--dry-run", "-np", "30", "python", "x y.py"])
+    assert rc == 0
+    assert not (tmp_path / "args.txt").exists()
+    err = capsys.readouterr().err
+    assert "'x y.py'" in err  # shell-quoted
+
+
+def test_environment_reaches_the_program(tmp_path: Path) -> None:
+    fake = _fake_mpirun(tmp_path, f'env > "{tmp_path}/env.txt"; exit 0')
+    env_before = dict(os.environ)
+    assert launcher.main(["--mpirun", str(fake), "-np", "1", "true"]) == 0
+    assert dict(os.environ) == env_before  # the launcher does not mutate our own environment
+    assert "PATH=" in (tmp_path / "env.txt").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_real_mpirun_forwards_exit_code() -> None:
+    """End to end with the real launcher when one is installed (skipped otherwise)."""
+    try:
+        real = launcher.find_mpirun()
+    except launcher.LauncherError:
+        pytest.skip("no mpirun installed")
+    rc = launcher.main(["--mpirun", real, "-np", "2", "--oversubscribe",
+                        sys.executable, "-c", "import sys; sys.exit(7)"])
+    assert rc == 7

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["cuda_available", "nccl_available", "built_with_cuda"]
+__all__ = ["built_with_cuda", "cuda_available", "nccl_available"]
 
 
 def built_with_cuda() -> bool:

@@ -29,10 +29,23 @@ from . import runtime
 from .errors import DecommError
 
 __all__ = [
-    "Handle", "neighbor_allreduce", "neighbor_allreduce_", "neighbor_allreduce_nonblocking",
-    "neighbor_allreduce_nonblocking_", "allreduce", "allreduce_", "allreduce_nonblocking",
-    "allreduce_nonblocking_", "broadcast", "broadcast_", "broadcast_parameters", "allgather",
-    "neighbor_allgather", "barrier", "synchronize", "poll",
+    "Handle",
+    "allgather",
+    "allreduce",
+    "allreduce_",
+    "allreduce_nonblocking",
+    "allreduce_nonblocking_",
+    "barrier",
+    "broadcast",
+    "broadcast_",
+    "broadcast_parameters",
+    "neighbor_allgather",
+    "neighbor_allreduce",
+    "neighbor_allreduce_",
+    "neighbor_allreduce_nonblocking",
+    "neighbor_allreduce_nonblocking_",
+    "poll",
+    "synchronize",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -21,9 +21,25 @@ from .errors import DecommError
 from .topology import ExponentialGraph, Topology
 
 __all__ = [
-    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size",
-    "set_topology", "get_topology", "current_round", "advance_round", "in_neighbors",
-    "out_neighbors", "stats", "reset_stats", "mpi_library_version",
+    "advance_round",
+    "current_round",
+    "get_timeout",
+    "get_topology",
+    "in_neighbors",
+    "init",
+    "is_initialized",
+    "local_rank",
+    "local_size",
+    "mpi_library_version",
+    "out_neighbors",
+    "rank",
+    "reset_stats",
+    "set_round",
+    "set_timeout",
+    "set_topology",
+    "shutdown",
+    "size",
+    "stats",
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -130,7 +146,7 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
 def _install_abort_hook(world: Any) -> None:
     previous = sys.excepthook
 
-    def hook(exc_type, exc, tb):  # noqa: ANN001 - signature fixed by sys.excepthook
+    def hook(exc_type, exc, tb):
         previous(exc_type, exc, tb)
         sys.stderr.write(f"[decomm] rank {world.Get_rank()}: uncaught {exc_type.__name__}; "
                          "aborting the MPI job so the other ranks do not wait forever\n")
@@ -291,10 +307,22 @@ def out_neighbors(rank: int | None = None) -> list[int]:
 
 def _check_rank(r: Any, state: _State, what: str) -> int:
     if isinstance(r, bool) or not isinstance(r, int):
-        raise ValueError(f"{what} must be an int rank, got {r!r}")
+        raise TypeError(f"{what} must be an int rank, got {r!r}")
     if not 0 <= r < state.size:
         raise ValueError(f"{what}={r} is out of range for {state.size} ranks")
     return r
+
+
+def set_timeout(seconds: float) -> None:
+    """Change how long a call waits for missing neighbours before raising."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"timeout must be positive seconds, got {seconds!r}")
+    _require().backend.timeout = float(seconds)
+
+
+def get_timeout() -> float:
+    """Seconds a call waits for missing neighbours before raising DecommError."""
+    return float(_require().backend.timeout)
 
 
 def stats() -> dict[str, int]:

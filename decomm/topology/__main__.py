@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 import numpy as np
 
@@ -76,12 +77,14 @@ def _gap(topo: Topology) -> str:
     elif topo.rounds == 1:
         how = "1 - |lambda_2(W)|"
     else:
-        how = f"1 - ||P - J/n||_2 of the cycle product; per round {topo.spectral_gap(per_round=True):.6f}"
+        per = topo.spectral_gap(per_round=True)
+        how = f"1 - ||P - J/n||_2 of the cycle product; per round {per:.6f}"
     return f"{g:.6f}  ({how})"
 
 
-def describe(topo: Topology, out=sys.stdout) -> None:
+def describe(topo: Topology, out: TextIO | None = None) -> None:
     """Print rounds, degree, stochasticity, exactness and spectral gap of ``topo``."""
+    out = out if out is not None else sys.stdout
     rounds = "infinite (seeded random family)" if topo.rounds is None else str(topo.rounds)
     rows = [
         ("topology", topo.name),
@@ -112,7 +115,9 @@ def _compare(args: argparse.Namespace) -> int:
     topos += [SimpleBaseGraph(n, k), BaseGraph(n, k), EquiDyn(n, seed=args.seed)]
     if n > 2:
         topos.append(EquiStatic(n, min(k, n - 1), seed=args.seed))
-    header = f"{'topology':<50} {'rounds':>7} {'maxdeg':>6} {'exact':>5} {'err@' + str(args.steps):>10} {'t(1e-8)':>8}"
+    err = f"err@{args.steps}"
+    header = (f"{'topology':<50} {'rounds':>7} {'maxdeg':>6} {'exact':>5} {err:>10} "
+              f"{'t(1e-8)':>8}")
     print(header)
     print("-" * len(header))
     curves: dict[str, np.ndarray] = {}

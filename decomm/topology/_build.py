@@ -51,19 +51,28 @@ def circulant(n: int, offsets: Sequence[int], weights: Sequence[float],
     repeated offsets add up.  The diagonal is ``self_weight`` when given (it must make
     the rows sum to 1), else 1 - (sum of the weights kept).
     """
-    i = np.arange(n, dtype=_INT)
-    rows, cols, vals = [], [], []
+    acc: dict[int, float] = {}
     for o, w in zip(offsets, weights):
-        if o % n == 0:
-            continue
-        rows.append(i)
-        cols.append((i - o) % n)
-        vals.append(np.full(n, float(w)))
-    if not rows:
+        if o % n:
+            acc[o % n] = acc.get(o % n, 0.0) + float(w)
+    if not acc:
         return SparseRound.identity(n)
-    diag = None if self_weight is None else np.full(n, float(self_weight))
-    return SparseRound.from_coo(n, np.concatenate(rows), np.concatenate(cols), np.concatenate(vals),
-                                diag=diag)
+    offs = np.array(list(acc), dtype=_INT)
+    ws = np.array(list(acc.values()))
+    diag = 1.0 - ws.sum() if self_weight is None else float(self_weight)
+    if diag == 0.0 or np.any(ws == 0.0):  # rare: entries to drop, take the general path
+        i = np.repeat(np.arange(n, dtype=_INT), offs.size)
+        return SparseRound.from_coo(n, i, (i - np.tile(offs, n)) % n, np.tile(ws, n),
+                                    diag=np.full(n, diag))
+    # direct CSR: row i holds columns (i - o) mod n and i, sorted per row
+    i = np.arange(n, dtype=_INT)[:, None]
+    cols = (i - np.concatenate([[0], offs])[None, :]) % n
+    vals = np.broadcast_to(np.concatenate([[diag], ws])[None, :], cols.shape)
+    order = np.argsort(cols, axis=1, kind="stable")
+    cols = np.take_along_axis(cols, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    width = offs.size + 1
+    return SparseRound(n, np.arange(n + 1, dtype=_INT) * width, cols.ravel(), vals.ravel())
 
 
 def stride_cliques(start: int, length: int, stride: int, f: int, step: int = 1) -> Coo:

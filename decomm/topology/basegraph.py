@@ -119,8 +119,10 @@ def hyper_hypercube_factors(n: int, k: int) -> list[int]:
     factorisation is found by dynamic programming over the divisors of n, taking the
     largest admissible factor first.  Raises ValueError naming a prime factor > k+1.
 
-    >>> hyper_hypercube_factors(12, 3), hyper_hypercube_factors(256, 2), hyper_hypercube_factors(216, 7)
-    ([3, 4], [2, 2, 2, 2, 2, 2, 2, 2], [6, 6, 6])
+    >>> hyper_hypercube_factors(12, 3), hyper_hypercube_factors(256, 2)
+    ([3, 4], [2, 2, 2, 2, 2, 2, 2, 2])
+    >>> hyper_hypercube_factors(216, 7)
+    [6, 6, 6]
     """
     n, k = check_n(n), check_k(k)
     rest = n // smooth_part(n, k)
@@ -201,18 +203,19 @@ def _simple_base_coo(n: int, k: int) -> list[Coo]:
     t_a = len(chunk_fac[0])  # phase A length, = p0 + [a0 > 1]
     length = t_a + 1 + p0
 
-    def hh_round(factors: list[int], idx: int, l: int) -> Coo:
+    def hh_round(factors: list[int], idx: int, c: int) -> Coo:
+        # round idx (cyclic) of the hyper-hypercube with these factors on chunk c
         if not factors:
             return empty_coo()
         idx %= len(factors)
         stride = int(np.prod(factors[:idx], dtype=np.int64))
-        return stride_cliques(starts[l], sizes[l], stride, factors[idx])
+        return stride_cliques(starts[c], sizes[c], stride, factors[idx])
 
     def absorb(r: int) -> list[Coo]:
         a_r, p_r = digits[r]
         s = b ** p_r
-        later = np.concatenate([np.arange(starts[l], starts[l] + sizes[l], dtype=np.int64)
-                                for l in range(nchunks - 1, r, -1)])
+        later = np.concatenate([np.arange(starts[c], starts[c] + sizes[c], dtype=np.int64)
+                                for c in range(nchunks - 1, r, -1)])
         c = later.size
         partners = (starts[r] + np.arange(a_r, dtype=np.int64)[:, None] * s
                     + (s - 1 - np.arange(c, dtype=np.int64))[None, :])
@@ -228,13 +231,13 @@ def _simple_base_coo(n: int, k: int) -> list[Coo]:
     for m in range(length):
         parts: list[Coo] = []
         if m < t_a:  # phase A: every chunk averages internally
-            parts = [hh_round(chunk_fac[l], m, l) for l in range(nchunks)]
+            parts = [hh_round(chunk_fac[c], m, c) for c in range(nchunks)]
         else:
             r = m - t_a
-            for l in range(nchunks):
-                c_start = t_a + l + 1 if l <= nchunks - 2 else t_a + nchunks - 1
-                if m >= c_start:  # phase C of chunk l
-                    parts.append(hh_round(sub_fac[l], m - c_start, l))
+            for c in range(nchunks):
+                c_start = t_a + c + 1 if c <= nchunks - 2 else t_a + nchunks - 1
+                if m >= c_start:  # phase C of chunk c
+                    parts.append(hh_round(sub_fac[c], m - c_start, c))
             if r <= nchunks - 2:  # phase B: absorb round r
                 parts.extend(absorb(r))
         rounds.append(concat_coo(parts))

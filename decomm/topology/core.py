@@ -56,7 +56,8 @@ def _as_numpy_matrix(m: Any, index: int) -> np.ndarray:
     try:
         arr = np.asarray(m, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"round {index}: cannot convert {type(m).__name__} to a float matrix") from exc
+        raise ValueError(
+            f"round {index}: cannot convert {type(m).__name__} to a float matrix") from exc
     return arr
 
 
@@ -94,7 +95,8 @@ class Topology:
     ) -> None:
         self.n = _check_int(n, "n", 1)
         if (round_list is None) == (generator is None):
-            raise ValueError("give exactly one of round_list (a cycle) or generator (a random family)")
+            raise ValueError(
+                "give exactly one of round_list (a cycle) or generator (a random family)")
         self.kind = kind
         self.params: dict[str, Any] = dict(params) if params is not None else {"n": self.n}
         self.name = name if name is not None else kind + "(" + ", ".join(
@@ -158,7 +160,8 @@ class Topology:
             bad = ~np.isfinite(arr)
             if bad.any():
                 i, j = map(int, np.argwhere(bad)[0])
-                raise ValueError(f"round {idx}: entry W[{i}, {j}] = {float(arr[i, j])} is not finite")
+                raise ValueError(
+                    f"round {idx}: entry W[{i}, {j}] = {float(arr[i, j])} is not finite")
             if (arr < 0).any():
                 i, j = map(int, np.argwhere(arr < 0)[0])
                 raise ValueError(f"round {idx}: negative weight W[{i}, {j}] = {float(arr[i, j])!r}")
@@ -167,13 +170,14 @@ class Topology:
             if off.any():
                 i = int(np.argmax(off))
                 raise ValueError(
-                    f"round {idx}: row {i} sums to {float(sums[i])!r}, not 1 (rows must be stochastic: "
-                    "x_new[i] = sum_j W[i, j] x[j])")
+                    f"round {idx}: row {i} sums to {float(sums[i])!r}, not 1 "
+                    "(rows must be stochastic: x_new[i] = sum_j W[i, j] x[j])")
             rounds.append(SparseRound.from_dense(arr))
         assert n is not None
         if name is None:
             name = f"Topology.from_matrices(n={n}, rounds={len(rounds)})"
-        return cls(n, rounds, name=name, kind="FromMatrices", params={"n": n, "rounds": len(rounds)})
+        return cls(n, rounds, name=name, kind="FromMatrices",
+                   params={"n": n, "rounds": len(rounds)})
 
     @classmethod
     def from_networkx(cls, graph: Any, name: str | None = None) -> Topology:
@@ -211,7 +215,8 @@ class Topology:
             topo = cls.from_matrices([mat], name=name or f"Topology.from_networkx(n={n}, directed)")
             topo.kind = "FromNetworkx"
             return topo
-        edges = np.array([(u, v) for u, v in graph.edges() if u != v], dtype=np.int64).reshape(-1, 2)
+        edges = np.array([(u, v) for u, v in graph.edges() if u != v], dtype=np.int64)
+        edges = edges.reshape(-1, 2)
         edges = np.unique(np.sort(edges, axis=1), axis=0)
         deg = np.bincount(edges.ravel(), minlength=n)
         w = 1.0 / (1.0 + np.maximum(deg[edges[:, 0]], deg[edges[:, 1]]))
@@ -423,7 +428,8 @@ class Topology:
         """
         return _analysis.spectral_gap(self, per_round=per_round, samples=samples)
 
-    def consensus_curve(self, steps: int, trials: int = 8, seed: int = 0, start: int = 0) -> np.ndarray:
+    def consensus_curve(self, steps: int, trials: int = 8, seed: int = 0,
+                        start: int = 0) -> np.ndarray:
         """Relative consensus error over ``steps`` rounds from random starts.
 
         Returns an array e of length ``steps + 1`` with
@@ -434,7 +440,7 @@ class Topology:
         return _analysis.consensus_curve(self, steps, trials=trials, seed=seed, start=start)
 
     def plot(self, path: str, max_rounds: int = 12) -> None:
-        """Draw each round (up to ``max_rounds``) as a circular graph into ``path`` (PNG/SVG/PDF)."""
+        """Draw each round (up to ``max_rounds``) on a circle into ``path`` (PNG, SVG, PDF)."""
         from .plotting import plot_topology
 
         plot_topology(self, path, max_rounds=max_rounds)

@@ -39,11 +39,26 @@ def _one_peer_matching(n: int, u: int, shift: int, w: float) -> SparseRound:
     npairs = length // 2
     first = (shift + 2 * np.arange(npairs, dtype=np.int64)) % length
     cyc = np.arange(g, dtype=np.int64)[:, None]
-    a = (cyc + u * first[None, :]) % n
-    b = (cyc + u * ((first + 1) % length)[None, :]) % n
-    a, b = a.ravel(), b.ravel()
-    return SparseRound.from_coo(n, np.concatenate([a, b]), np.concatenate([b, a]),
-                                np.full(2 * a.size, w))
+    a = ((cyc + u * first[None, :]) % n).ravel()
+    b = ((cyc + u * ((first + 1) % length)[None, :]) % n).ravel()
+    partner = np.full(n, -1, dtype=np.int64)
+    partner[a], partner[b] = b, a
+    # direct CSR: paired rows hold {i, partner} sorted, idle rows hold {i}
+    paired = partner >= 0
+    width = np.where(paired, 2, 1)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(width, out=indptr[1:])
+    i = np.arange(n, dtype=np.int64)
+    lo = np.where(paired, np.minimum(i, partner), i)
+    hi = np.maximum(i, partner)
+    w_lo = np.where(paired & (lo != i), w, np.where(paired, 1.0 - w, 1.0))
+    w_hi = np.where(hi == i, 1.0 - w, w)
+    cols = np.empty(indptr[-1], dtype=np.int64)
+    vals = np.empty(indptr[-1])
+    cols[indptr[:-1]], vals[indptr[:-1]] = lo, w_lo
+    second = indptr[:-1][paired] + 1
+    cols[second], vals[second] = hi[paired], w_hi[paired]
+    return SparseRound(n, indptr, cols, vals)
 
 
 def EquiDyn(n: int, eta: float = 0.5, undirected: bool = False, seed: int = 0) -> Topology:

@@ -52,7 +52,8 @@ def _draw_round(ax, topo: Topology, t: int, pos: np.ndarray) -> None:
                linewidths=0.8, zorder=3)
     if n <= 32:
         for i in range(n):
-            ax.text(pos[i, 0] * 1.16, pos[i, 1] * 1.16, str(i), ha="center", va="center", fontsize=6)
+            ax.text(pos[i, 0] * 1.16, pos[i, 1] * 1.16, str(i), ha="center", va="center",
+                    fontsize=6)
     ax.set_xlim(-1.3, 1.3)
     ax.set_ylim(-1.3, 1.3)
     ax.set_aspect("equal")

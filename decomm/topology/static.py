@@ -104,7 +104,8 @@ def StarGraph(n: int) -> Topology:
     leaves = np.arange(1, n, dtype=np.int64)
     zeros = np.zeros_like(leaves)
     w = np.full(2 * (n - 1), 1.0 / n)
-    rnd = SparseRound.from_coo(n, np.concatenate([zeros, leaves]), np.concatenate([leaves, zeros]), w)
+    rows, cols = np.concatenate([zeros, leaves]), np.concatenate([leaves, zeros])
+    rnd = SparseRound.from_coo(n, rows, cols, w)
     return make("StarGraph", {"n": n}, [rnd], n)
 
 
@@ -117,4 +118,5 @@ def FullyConnectedGraph(n: int) -> Topology:
     True
     """
     n = check_n(n)
-    return make("FullyConnectedGraph", {"n": n}, [SparseRound.from_dense(np.full((n, n), 1.0 / n))], n)
+    rnd = SparseRound.from_dense(np.full((n, n), 1.0 / n))
+    return make("FullyConnectedGraph", {"n": n}, [rnd], n)

@@ -10,7 +10,7 @@ the whole cycle product is compared with J/n.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -36,7 +36,7 @@ def _is_smooth(n: int, k: int) -> bool:
     return all(p <= k + 1 for p in _prime_factors(n))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _min_factors(n: int, k: int) -> int:
     """Brute force: fewest factors in [2, k+1] with product n."""
     if n == 1:

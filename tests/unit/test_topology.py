@@ -1,0 +1,463 @@
+"""decomm.topology: the Topology type, the classic graphs, EquiTopo, analysis, CLI.
+
+Numbers are checked against closed forms (circulant eigenvalues, ring/torus/star
+spectra, Metropolis-Hastings weights computed by hand) or dense computations done
+here, never against the library's own analysis helpers alone.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+
+import decomm.topology as T
+from decomm.topology import (
+    BaseGraph,
+    EquiDyn,
+    EquiStatic,
+    ExponentialGraph,
+    FullyConnectedGraph,
+    HypercubeGraph,
+    OnePeerExponentialGraph,
+    RingGraph,
+    StarGraph,
+    Topology,
+    TorusGraph,
+    plot_consensus,
+)
+from decomm.topology.__main__ import main as cli_main
+
+# doubly stochastic, not symmetric
+DIRECTED = np.array([[0.5, 0.5, 0.0, 0.0],
+                     [0.0, 0.25, 0.75, 0.0],
+                     [0.0, 0.0, 0.25, 0.75],
+                     [0.5, 0.25, 0.0, 0.25]])
+
+
+def _second_modulus(w: np.ndarray) -> float:
+    ev = np.sort(np.abs(np.linalg.eigvals(w)))
+    return float(ev[-2])
+
+
+# ----------------------------------------------------------------------------- Topology core
+
+
+def test_import_is_self_contained() -> None:
+    """decomm.topology imports with a bare stand-in for the decomm package (as if
+    decomm/__init__.py failed) and never pulls in MPI, torch, the runtime, networkx
+    or matplotlib."""
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys, types\n"
+        "pkg = types.ModuleType('decomm'); pkg.__path__ = [sys.argv[1]]\n"
+        "sys.modules['decomm'] = pkg\n"
+        "import decomm.topology as t\n"
+        "assert t.BaseGraph(25, 2).is_finite_time_exact()\n"
+        "bad = [m for m in ('mpi4py', 'torch', 'networkx', 'matplotlib', 'decomm.runtime',\n"
+        "                   'decomm.ops', 'decomm._C') if m in sys.modules]\n"
+        "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(root / "decomm")], capture_output=True,
+                         text=True, check=True, cwd=str(root))
+    assert out.stdout.strip() == "[]"
+
+
+def test_from_matrices_queries() -> None:
+    t = Topology.from_matrices([DIRECTED, DIRECTED.T])
+    assert t.n == 4 and t.rounds == 2
+    assert t.weights(1, 0) == (0.25, {2: 0.75})
+    assert t.in_neighbors(1, 0) == [2] and t.out_neighbors(1, 0) == [0, 3]
+    assert t.out_weights(2, 0) == {1: 0.75}
+    assert t.out_weights(1, 0) == {0: 0.5, 3: 0.25}
+    assert t.in_neighbors(1, 1) == [0, 3] and t.out_neighbors(1, 1) == [2]
+    # absolute round t reduces modulo the cycle, also for huge t
+    assert t.weights(1, 10**18) == t.weights(1, 0) and t.weights(1, 10**18 + 1) == t.weights(1, 1)
+    np.testing.assert_array_equal(t.matrix(7), DIRECTED.T)
+    x = np.arange(8.0).reshape(4, 2)
+    np.testing.assert_allclose(t.mix(x, 0), DIRECTED @ x)
+    np.testing.assert_allclose(t.cycle_product(), DIRECTED.T @ DIRECTED)
+    np.testing.assert_allclose(t.product(), t.cycle_product())
+    assert t.is_doubly_stochastic() and not t.is_symmetric() and t.max_degree() == 2
+    assert "from_matrices" in repr(t)
+
+
+def test_from_matrices_accepts_torch_and_single_matrix() -> None:
+    torch = pytest.importorskip("torch")
+    t = Topology.from_matrices(torch.tensor(DIRECTED))
+    assert t.rounds == 1 and t.weights(0, 0) == (0.5, {1: 0.5})
+    t2 = Topology.from_matrices([torch.tensor(DIRECTED, dtype=torch.float32)])
+    assert t2.in_neighbors(3, 0) == [0, 1]
+    assert Topology.from_matrices([[1.0]]).rounds == 1
+
+
+def test_row_stochastic_only_is_accepted_but_not_doubly() -> None:
+    w = np.array([[1.0, 0.0], [0.5, 0.5]])
+    t = Topology.from_matrices([w])
+    assert t.is_row_stochastic() and not t.is_doubly_stochastic()
+
+
+@pytest.mark.parametrize("mats, pattern", [
+    ([], "at least one"),
+    ([np.ones((2, 3)) / 3], "round 0: matrix must be square"),
+    ([np.eye(2), np.eye(3)], "round 1: size 3 differs"),
+    ([np.eye(2), np.array([[np.nan, 1.0], [0.0, 1.0]])], r"round 1: entry W\[0, 0\] = nan"),
+    ([np.array([[1.5, -0.5], [0.0, 1.0]])], r"round 0: negative weight W\[0, 1\] = -0.5"),
+    ([np.eye(3), np.eye(3), np.array([[1.0, 0, 0], [0, 0.5, 0.4], [0, 0, 1]])],
+     r"round 2: row 1 sums to 0.9"),
+    ("abc", "round 0"),
+])
+def test_from_matrices_errors(mats, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        Topology.from_matrices(mats)
+
+
+def test_bad_round_and_node_indices() -> None:
+    t = RingGraph(4)
+    for bad_t in (-1, 1.5, "0", None):
+        with pytest.raises(ValueError, match="round t"):
+            t.weights(0, bad_t)
+    for bad_i in (-1, 4, 2.0):
+        with pytest.raises(ValueError, match="node index"):
+            t.in_neighbors(bad_i, 0)
+    with pytest.raises(ValueError, match="leading dimension"):
+        t.mix(np.zeros(3), 0)
+    assert t.weights(0, np.int64(3)) == t.weights(0, 0)
+
+
+def test_tolerance_scales_with_n() -> None:
+    n = 100
+    w = np.full((n, n), 1.0 / n)
+    w[0, 0] += 5e-11  # within 1e-12 * n
+    Topology.from_matrices([w])
+    w[0, 0] += 1e-9
+    with pytest.raises(ValueError, match="row 0 sums"):
+        Topology.from_matrices([w])
+
+
+def test_fingerprint() -> None:
+    a = Topology.from_matrices([DIRECTED])
+    b = Topology.from_matrices([DIRECTED.copy()])
+    c = Topology.from_matrices([DIRECTED.T])
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert len(a.fingerprint()) == 64
+    assert RingGraph(8).fingerprint() != RingGraph(9).fingerprint()
+    assert EquiDyn(8, seed=1).fingerprint() == EquiDyn(8, seed=1).fingerprint()
+    assert EquiDyn(8, seed=1).fingerprint() != EquiDyn(8, seed=2).fingerprint()
+
+
+def test_from_networkx_metropolis_hastings() -> None:
+    g = nx.Graph([(0, 1), (0, 2), (0, 3), (3, 4), (1, 1)])  # self-loop ignored
+    t = Topology.from_networkx(g)
+    deg = {0: 3, 1: 1, 2: 1, 3: 2, 4: 1}
+    expect = np.zeros((5, 5))
+    for u, v in [(0, 1), (0, 2), (0, 3), (3, 4)]:
+        expect[u, v] = expect[v, u] = 1.0 / (1 + max(deg[u], deg[v]))
+    np.fill_diagonal(expect, 1 - expect.sum(axis=1))
+    np.testing.assert_allclose(t.matrix(0), expect, atol=1e-15)
+    assert t.is_symmetric() and t.is_doubly_stochastic()
+
+
+def test_networkx_round_trip_and_errors() -> None:
+    t = OnePeerExponentialGraph(6)
+    g = t.to_networkx(1)
+    assert g.has_edge(0, 2) and g[0][2]["weight"] == 0.5  # 0 sends to 0 + 2
+    np.testing.assert_array_equal(Topology.from_networkx(g).matrix(0), t.matrix(1))
+    with pytest.raises(ValueError, match=r"integers 0\.\.n-1"):
+        Topology.from_networkx(nx.path_graph(["a", "b"]))
+    with pytest.raises(ValueError, match="no nodes"):
+        Topology.from_networkx(nx.Graph())
+    dg = nx.DiGraph([(0, 1)])
+    with pytest.raises(ValueError, match="no 'weight'"):
+        Topology.from_networkx(dg)
+
+
+# ----------------------------------------------------------------------------- static graphs
+
+
+@pytest.mark.parametrize("n", range(3, 40))
+def test_ring(n: int) -> None:
+    t = RingGraph(n)
+    assert t.weights(0, 0) == (1 / 3, {1: 1 / 3, n - 1: 1 / 3}) or n == 3
+    assert t.max_degree() == 2 and t.is_symmetric() and t.is_doubly_stochastic()
+    gap = 1 - (1 + 2 * math.cos(2 * math.pi / n)) / 3
+    assert abs(t.spectral_gap() - gap) < 1e-10
+
+
+def test_ring_small_n() -> None:
+    assert RingGraph(1).matrix(0).tolist() == [[1.0]]
+    assert RingGraph(2).matrix(0).tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    assert RingGraph(2).spectral_gap() == pytest.approx(1.0)
+    assert RingGraph(3).is_finite_time_exact()  # 3 nodes: W = J/3
+
+
+@pytest.mark.parametrize("n", [9, 12, 15, 16, 20, 25, 30, 36, 49, 64])
+def test_torus_spectrum(n: int) -> None:
+    t = TorusGraph(n)
+    r, c = t.details["shape"]
+    assert r * c == n and r == max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    assert t.max_degree() == 4 and t.is_symmetric() and t.is_doubly_stochastic()
+    lam = [(1 + 2 * math.cos(2 * math.pi * p / r) + 2 * math.cos(2 * math.pi * q / c)) / 5
+           for p in range(r) for q in range(c) if (p, q) != (0, 0)]
+    assert abs(t.spectral_gap() - (1 - max(abs(x) for x in lam))) < 1e-10
+
+
+def test_torus_degenerate_shapes() -> None:
+    np.testing.assert_allclose(TorusGraph(7).matrix(0), RingGraph(7).matrix(0))  # prime: 1 x 7
+    t = TorusGraph(8)  # 2 x 4: one vertical neighbour
+    assert t.details["shape"] == (2, 4) and t.max_degree() == 3
+    assert t.weights(0, 0)[0] == 0.25 and t.is_doubly_stochastic()
+
+
+@pytest.mark.parametrize("n", [3, 5, 10, 33])
+def test_star(n: int) -> None:
+    t = StarGraph(n)
+    assert t.max_degree() == n - 1 and t.is_symmetric() and t.is_doubly_stochastic()
+    assert t.out_neighbors(0, 0) == list(range(1, n))
+    assert abs(t.spectral_gap() - 1 / n) < 1e-10
+
+
+def test_fully_connected() -> None:
+    t = FullyConnectedGraph(7)
+    np.testing.assert_allclose(t.matrix(0), np.full((7, 7), 1 / 7))
+    assert t.is_finite_time_exact() and t.spectral_gap() == pytest.approx(1.0)
+    assert FullyConnectedGraph(1).max_degree() == 0
+
+
+# ----------------------------------------------------------------------------- exponential
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 12, 17, 32, 100])
+def test_static_exponential(n: int) -> None:
+    t = ExponentialGraph(n)
+    tau = math.ceil(math.log2(n))
+    self_w, nb = t.weights(0, 0)
+    assert self_w == pytest.approx(1 / (tau + 1))
+    assert nb == pytest.approx({(-(2 ** j)) % n: 1 / (tau + 1) for j in range(tau)})
+    assert t.out_neighbors(0, 0) == sorted(2 ** j % n for j in range(tau))
+    assert t.max_degree() == tau and t.is_doubly_stochastic()
+    assert t.is_symmetric() == (n <= 3)  # n = 3: offsets 1 and 2 = -1
+    # circulant: eigenvalues are the DFT of the first column
+    lam = np.fft.fft(t.matrix(0)[:, 0])
+    assert abs(t.spectral_gap() - (1 - np.sort(np.abs(lam))[-2])) < 1e-10
+
+
+@pytest.mark.parametrize("n", range(1, 131))
+def test_one_peer_exponential_exact_iff_power_of_two(n: int) -> None:
+    t = OnePeerExponentialGraph(n)
+    assert t.rounds == max(1, math.ceil(math.log2(n)) if n > 1 else 1)
+    assert t.is_doubly_stochastic()
+    if n > 1:
+        assert t.max_degree() == 1
+    power = n & (n - 1) == 0
+    assert t.is_finite_time_exact() == power
+    if not power:  # independent check: the dense product is visibly not J/n
+        p = np.linalg.multi_dot([t.matrix(s) for s in reversed(range(t.rounds))] + [np.eye(n)])
+        assert np.abs(p - 1 / n).max() > 1e-3
+
+
+def test_one_peer_direction() -> None:
+    t = OnePeerExponentialGraph(10)
+    for s in range(t.rounds):
+        assert t.in_neighbors(3, s) == [(3 - 2 ** s) % 10]
+        assert t.out_neighbors(3, s) == [(3 + 2 ** s) % 10]
+        assert t.weights(3, s) == (0.5, {(3 - 2 ** s) % 10: 0.5})
+
+
+def test_hypercube() -> None:
+    for n in (1, 2, 4, 8, 64):
+        t = HypercubeGraph(n)
+        assert t.rounds == max(1, int(math.log2(n))) and t.is_finite_time_exact()
+        assert t.is_symmetric() and t.max_degree() == (1 if n > 1 else 0)
+    assert HypercubeGraph(16).in_neighbors(5, 3) == [13]
+    for n in (3, 6, 12, 100):
+        with pytest.raises(ValueError, match="power of 2"):
+            HypercubeGraph(n)
+
+
+# ----------------------------------------------------------------------------- EquiTopo
+
+
+def test_equidyn_same_seed_same_rounds() -> None:
+    a, b, c = EquiDyn(32, seed=7), EquiDyn(32, seed=7), EquiDyn(32, seed=8)
+    assert a.rounds is None and a.is_random
+    ts = [0, 1, 2, 99, 10**6, 10**15]
+    for t in ts:  # computed independently, any order, O(n) per round
+        np.testing.assert_array_equal(a.matrix(t), b.matrix(t))
+    b.matrix(10**15)
+    assert [a.in_neighbors(0, t) for t in range(20)] == [b.in_neighbors(0, t) for t in range(20)]
+    assert [a.in_neighbors(0, t) for t in range(20)] != [c.in_neighbors(0, t) for t in range(20)]
+    w = a.matrix(5)
+    u = (0 - a.in_neighbors(0, 5)[0]) % 32  # node i receives from i - u
+    expect = 0.5 * np.eye(32) + 0.5 * (np.eye(32) / 32 + (31 / 32) * np.roll(np.eye(32), u, axis=0))
+    np.testing.assert_allclose(w, expect, atol=1e-15)
+    assert a.max_degree() == 1 and a.is_doubly_stochastic() and not a.is_finite_time_exact()
+    with pytest.raises(ValueError, match="random family"):
+        a.cycle_product()
+
+
+def test_equidyn_undirected() -> None:
+    t = EquiDyn(15, undirected=True, seed=2)
+    assert t.is_symmetric() and t.is_doubly_stochastic() and t.max_degree() == 1
+    for s in range(10):
+        w = t.matrix(s)
+        idle = [i for i in range(15) if not t.in_neighbors(i, s)]
+        assert len(idle) >= 1  # odd n: some node idles
+        off = w - np.diag(np.diag(w))
+        assert set(np.round(off[off > 0], 12)) <= {round(0.5 * 14 / 15, 12)}
+
+
+@pytest.mark.parametrize("undirected", [False, True])
+def test_equidyn_rate_independent_of_n(undirected: bool) -> None:
+    """Song et al. 2022: rho^2 = ||E[(W-J/n)^T (W-J/n)]|| = 1/2 - 1/(2n) <= 1/2 for
+    eta = 1/2, whatever n.  Check the estimated gap and the empirical per-step decay."""
+    gaps, rates = [], []
+    for n in (16, 64, 256):
+        t = EquiDyn(n, undirected=undirected, seed=0)
+        gaps.append(t.spectral_gap())
+        curve = t.consensus_curve(30, trials=4, seed=1)
+        rates.append(curve[-1] ** (1 / 30))
+    assert min(gaps) > 0.2 and max(gaps) / min(gaps) < 1.3
+    assert max(rates) < 0.75  # whereas a ring's per-step decay tends to 1:
+    assert RingGraph(256).consensus_curve(30, trials=2)[-1] ** (1 / 30) > 0.9
+    # the exact expectation for directed EquiDyn, enumerating every u in 1..n-1
+    n = 16
+    acc = np.zeros((n, n))
+    for u in range(1, n):
+        a = np.eye(n) / n + (n - 1) / n * np.roll(np.eye(n), u, axis=0)
+        w = 0.5 * np.eye(n) + 0.5 * a - 1 / n
+        acc += w.T @ w / (n - 1)
+    rho2 = np.linalg.eigvalsh(acc).max()
+    assert rho2 == pytest.approx(0.5 - 0.5 / n)
+    if not undirected:
+        assert abs(gaps[0] - (1 - math.sqrt(rho2))) < 0.05
+
+
+def test_equistatic() -> None:
+    t = EquiStatic(20, 3, seed=4)
+    labels = t.details["labels"]
+    assert len(set(labels)) == 3 and all(1 <= u <= 19 for u in labels)
+    assert t.max_degree() == 3 and t.is_doubly_stochastic() and not t.is_symmetric()
+    assert t.in_neighbors(0, 0) == sorted((-u) % 20 for u in labels)
+    lam = np.fft.fft(t.matrix(0)[:, 0])  # circulant spectrum
+    assert abs(t.spectral_gap() - (1 - np.sort(np.abs(lam))[-2])) < 1e-10
+    u = EquiStatic(20, 3, undirected=True, seed=4)
+    assert u.is_symmetric() and u.is_doubly_stochastic() and u.max_degree() <= 6
+    assert EquiStatic(20, 3, seed=4).fingerprint() != EquiStatic(20, 3, seed=5).fingerprint()
+    assert EquiStatic(1, 5).matrix(0).tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda: EquiDyn(0), "n must be"),
+    (lambda: EquiDyn(8, eta=0.0), "eta"),
+    (lambda: EquiDyn(8, eta=1.5), "eta"),
+    (lambda: EquiDyn(8, eta="x"), "eta"),
+    (lambda: EquiDyn(8, seed=-1), "seed"),
+    (lambda: EquiStatic(8, 0), "m must be"),
+    (lambda: EquiStatic(8, 8), "m must be <= n - 1"),
+    (lambda: EquiStatic(8, 2, seed=1.5), "seed"),
+    (lambda: RingGraph(0), "n must be"),
+    (lambda: TorusGraph(-2), "n must be"),
+    (lambda: StarGraph(2.0), "n must be"),
+    (lambda: FullyConnectedGraph(None), "n must be"),
+    (lambda: ExponentialGraph(0), "n must be"),
+    (lambda: OnePeerExponentialGraph(True), "n must be"),
+    (lambda: HypercubeGraph(0), "n must be"),
+])
+def test_constructor_errors(call, pattern) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def test_cycle_product_order() -> None:
+    a = np.array([[1.0, 0.0], [1.0, 0.0]])  # everyone copies node 0
+    b = np.array([[0.0, 1.0], [0.0, 1.0]])  # everyone copies node 1
+    t = Topology.from_matrices([a, b])
+    np.testing.assert_array_equal(t.cycle_product(), b @ a)  # x_2 = W(1) W(0) x_0
+    x0 = np.array([3.0, 5.0])
+    assert t.mix(t.mix(x0, 0), 1).tolist() == (b @ a @ x0).tolist() == [3.0, 3.0]
+
+
+def test_spectral_gap_of_sequences() -> None:
+    t = OnePeerExponentialGraph(6)
+    p = t.matrix(2) @ t.matrix(1) @ t.matrix(0)
+    rho = np.linalg.svd(p - 1 / 6, compute_uv=False)[0]
+    assert t.spectral_gap() == pytest.approx(1 - rho)
+    assert t.spectral_gap(per_round=True) == pytest.approx(1 - rho ** (1 / 3))
+    assert BaseGraph(10, 2).spectral_gap() == pytest.approx(1.0)
+    assert RingGraph(1).spectral_gap() == 1.0
+
+
+def test_consensus_curve() -> None:
+    ring = RingGraph(10).consensus_curve(20, trials=5, seed=3)
+    assert ring.shape == (21,) and ring[0] == 1.0 and np.all(np.diff(ring) <= 1e-12)
+    base = BaseGraph(10, 2).consensus_curve(6, trials=3)
+    assert base[3] > 1e-3 and base[4] < 1e-14  # exact after the 4-round cycle
+    # independent: dense iteration of the same start
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 2))
+    xbar = x.mean(axis=0)
+    w = RingGraph(10).matrix(0)
+    y = np.linalg.matrix_power(w, 5) @ x
+    expect = np.mean(np.linalg.norm(y - xbar, axis=0) / np.linalg.norm(x - xbar, axis=0))
+    assert RingGraph(10).consensus_curve(5, trials=2, seed=0)[5] == pytest.approx(expect)
+    assert RingGraph(1).consensus_curve(3).tolist() == [1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="steps"):
+        RingGraph(4).consensus_curve(-1)
+    with pytest.raises(ValueError, match="trials"):
+        RingGraph(4).consensus_curve(3, trials=0)
+
+
+def test_plots(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    p1 = tmp_path / "base.png"
+    BaseGraph(10, 2).plot(str(p1))
+    p2 = tmp_path / "equidyn.png"
+    EquiDyn(8).plot(str(p2), max_rounds=3)
+    p3 = tmp_path / "curves.png"
+    curves = plot_consensus([RingGraph(9), BaseGraph(9, 2)], str(p3), steps=10, trials=2)
+    for p in (p1, p2, p3):
+        assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
+    assert set(curves) == {"RingGraph(n=9)", "BaseGraph(n=9, k=2)"}
+    with pytest.raises(ValueError, match="at least one"):
+        plot_consensus([], str(p3))
+
+
+# ----------------------------------------------------------------------------- CLI, doctests
+
+
+def test_cli_base(capsys, tmp_path) -> None:
+    png = tmp_path / "b.png"
+    assert cli_main(["base", "--n", "25", "--k", "2", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "BaseGraph(n=25, k=2)" in out and "rounds             6" in out
+    assert "finite-time exact  yes" in out and png.exists()
+
+
+def test_cli_compare_and_errors(capsys, tmp_path) -> None:
+    png = tmp_path / "c.png"
+    assert cli_main(["compare", "--n", "16", "--k", "1", "--steps", "12", "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "HypercubeGraph(n=16)" in out and "BaseGraph(n=16, k=1)" in out and png.exists()
+    assert cli_main(["hh", "--n", "14", "--k", "1"]) == 2
+    assert "prime factor 7" in capsys.readouterr().err
+    assert cli_main(["equidyn", "--n", "12", "--undirected"]) == 0
+
+
+@pytest.mark.parametrize("module", ["core", "static", "exponential", "basegraph", "equitopo",
+                                    "analysis", "_build", "_sparse"])
+def test_doctests(module: str) -> None:
+    mod = importlib.import_module(f"decomm.topology.{module}")
+    res = doctest.testmod(mod, verbose=False)
+    assert res.failed == 0
+    if module == "core":
+        assert doctest.testmod(T).failed == 0

@@ -16,6 +16,10 @@ if [ ! -f "$VENV/.deps-ok" ] || [ requirements.txt -nt "$VENV/.deps-ok" ]; then
   $PIP install -q -r requirements.txt
   touch "$VENV/.deps-ok"
 fi
-echo "[setup] building the decomm C++ extension"
-$PIP install -q --no-build-isolation --no-deps --use-pep517 -e . 2>&1 | grep -v -E "^\s*$" || true
+SO=$(ls decomm/_C*.so 2>/dev/null | head -1 || true)
+if [ -z "$SO" ] || [ -n "$(find csrc setup.py -newer "$SO" -type f 2>/dev/null | head -1)" ] \
+   || [ ! -x "$VENV/bin/decomm-run" ]; then
+  echo "[setup] building the decomm C++ extension (about 2 minutes on 2 cores)"
+  $PIP install -q --no-build-isolation --no-deps --use-pep517 -e .
+fi
 "$VENV/bin/python" -c "import decomm, decomm._C; print('[setup] decomm', decomm.__version__, 'ready')"

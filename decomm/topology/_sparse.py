@@ -126,7 +126,8 @@ class SparseRound:
     @cached_property
     def T(self) -> SparseRound:
         """The transposed round (CSR of W^T, i.e. CSC of W); cached."""
-        order = np.lexsort((self.row_ids, self.indices))
+        # entries are in row order, so a stable sort by column keeps rows ascending
+        order = np.argsort(self.indices, kind="stable")
         cols = self.indices[order]
         indptr = np.zeros(self.n + 1, dtype=_INT)
         np.cumsum(np.bincount(cols, minlength=self.n), out=indptr[1:])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -103,6 +104,7 @@ class Topology:
             f"{k}={v!r}" for k, v in self.params.items()) + ")"
         self._generator = generator
         self._cache: OrderedDict[int, SparseRound] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self.sample_rounds = int(sample_rounds)
         if round_list is not None:
             rl = list(round_list)
@@ -258,15 +260,17 @@ class Topology:
         t = self.round_index(t)
         if self._rounds is not None:
             return self._rounds[t]
-        r = self._cache.get(t)
-        if r is None:
-            assert self._generator is not None
-            r = self._generator(t)
+        with self._cache_lock:  # the runtime may query from a progress thread
+            r = self._cache.get(t)
+            if r is not None:
+                self._cache.move_to_end(t)
+                return r
+        assert self._generator is not None
+        r = self._generator(t)  # pure function of (seed, t): safe to compute twice
+        with self._cache_lock:
             self._cache[t] = r
-            if len(self._cache) > 16:
+            while len(self._cache) > 16:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(t)
         return r
 
     def _check_node(self, i: int) -> int:

@@ -99,7 +99,7 @@ def plot_consensus(topologies: Sequence[Topology], path: str, steps: int = 50, t
     if not topologies:
         raise ValueError("plot_consensus needs at least one topology")
     curves = {}
-    fig = Figure(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(7.6, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     markers = "os^vD<>ph*x+"
     for idx, topo in enumerate(topologies):
@@ -112,9 +112,9 @@ def plot_consensus(topologies: Sequence[Topology], path: str, steps: int = 50, t
     ax.set_ylabel(r"$\|x_t - \bar{x}\| / \|x_0 - \bar{x}\|$")
     ax.set_ylim(1e-16, 2)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     n = topologies[0].n
     ax.set_title(title or f"consensus error, n = {n} (mean of {trials} random starts)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return curves

@@ -10,6 +10,7 @@ x* = (sum A_i^T A_i)^{-1} sum A_i^T b_i while DSGD keeps a bias.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -184,7 +185,8 @@ def test_resume_is_bitwise_exact(case):
     torch.manual_seed(0)
     model, opt = build()
     train(model, opt, 5)
-    saved = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict())
+    # torch's state_dict holds references to the live state: copy, as torch.save would
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
     train(model, opt, 4)
     opt.close()
     straight = flat(model)

@@ -1,0 +1,146 @@
+"""Bad input and ranks that disagree: a clear DecommError/ValueError, never a hang.
+
+Mismatches are arranged so that every message is still consumed (the ranks make the
+same number of calls), which keeps the communicator clean for the following tests;
+dead or missing ranks are tested in separate jobs (tests/unit/test_failure_jobs.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import decomm
+from decomm import topology as T
+
+
+def need(n: int) -> None:
+    if decomm.size() < n:
+        pytest.skip(f"needs {n} ranks")
+
+
+def test_shape_mismatch_raises_on_every_involved_rank():
+    need(2)
+    r = decomm.rank()
+    decomm.set_topology(T.FullyConnectedGraph(decomm.size()))
+    shape = (4, 6) if r == 1 else (4, 5)
+    with pytest.raises(decomm.DecommError) as err:
+        decomm.neighbor_allreduce(torch.zeros(shape), name="grad.fc1")
+    msg = str(err.value)
+    assert "grad.fc1" in msg and f"on rank {r}" in msg
+    if r == 1:
+        assert "shape [4, 5] vs [4, 6]" in msg
+    else:
+        assert "in-neighbour 1" in msg and "shape [4, 6] vs [4, 5]" in msg
+
+
+def test_dtype_mismatch_raises_everywhere():
+    need(2)
+    r = decomm.rank()
+    decomm.set_topology(T.FullyConnectedGraph(decomm.size()))
+    dtype = torch.float64 if r == 0 else torch.float32
+    with pytest.raises(decomm.DecommError, match="dtype"):
+        decomm.neighbor_allreduce(torch.zeros(3, dtype=dtype), name="w")
+
+
+def test_output_untouched_on_mismatch():
+    need(2)
+    r = decomm.rank()
+    decomm.set_topology(T.FullyConnectedGraph(decomm.size()))
+    x = torch.full((8,) if r == 0 else (9,), 7.0)
+    with pytest.raises(decomm.DecommError):
+        decomm.neighbor_allreduce_(x, name="inplace")
+    assert torch.equal(x, torch.full_like(x, 7.0))  # no partial write
+
+
+def test_name_mismatch_and_skipped_round():
+    need(2)
+    r = decomm.rank()
+    decomm.set_topology(T.FullyConnectedGraph(decomm.size()))
+    with pytest.raises(decomm.DecommError, match="name 'a' vs 'b'|name 'b' vs 'a'"):
+        decomm.neighbor_allreduce(torch.zeros(2), name="a" if r == 0 else "b")
+    if r == 0:
+        decomm.advance_round()  # this rank thinks it is one step ahead
+    with pytest.raises(decomm.DecommError, match="topology round"):
+        decomm.neighbor_allreduce(torch.zeros(2), name="step")
+
+
+def test_collective_mismatch_names_the_ranks():
+    need(2)
+    r, n = decomm.rank(), decomm.size()
+    with pytest.raises(decomm.DecommError) as err:
+        decomm.allreduce(torch.zeros(3 if r != n - 1 else 4), name="loss")
+    msg = str(err.value)
+    assert f"rank {n - 1}: shape [4] vs [3]" in msg and "allreduce 'loss'" in msg
+    with pytest.raises(decomm.DecommError, match="root"):
+        decomm.broadcast(torch.zeros(2), root=0 if r == 0 else 1, name="bc")
+    with pytest.raises(decomm.DecommError, match="dtype"):
+        decomm.allgather(torch.zeros(2, dtype=torch.float32 if r else torch.float64))
+    # the job is still healthy afterwards
+    assert decomm.allreduce(torch.ones(1), average=False).item() == n
+
+
+def test_set_topology_disagreement_detected():
+    need(2)
+    r, n = decomm.rank(), decomm.size()
+    topo = T.RingGraph(n) if r == 0 else T.ExponentialGraph(n)
+    if n == 2:  # ring and exponential coincide for two nodes
+        topo = T.RingGraph(n) if r == 0 else T.FullyConnectedGraph(n)
+    with pytest.raises(decomm.DecommError, match="different schedule"):
+        decomm.set_topology(topo)
+
+
+def test_bad_matrices_rejected_before_any_message():
+    n = decomm.size()
+    with pytest.raises(ValueError, match="nodes but decomm.size"):
+        decomm.set_topology(np.eye(n + 1))
+    bad = np.full((n, n), 1.0 / n)
+    bad[0, 0] += 0.5
+    with pytest.raises(ValueError):
+        decomm.set_topology(bad)
+    neg = np.eye(n)
+    if n > 1:
+        neg[0, 0], neg[0, 1] = 1.5, -0.5
+        with pytest.raises(ValueError):
+            decomm.set_topology(neg)
+    with pytest.raises(TypeError):
+        decomm.set_topology("ring")
+    with pytest.raises(ValueError, match="start_round"):
+        decomm.set_topology(np.eye(n), start_round=-1)
+
+
+def test_bad_weights_and_ranks():
+    n, r = decomm.size(), decomm.rank()
+    decomm.set_topology(T.RingGraph(n))
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="together"):
+        decomm.neighbor_allreduce(x, self_weight=0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        decomm.neighbor_allreduce(x, self_weight=0.5, src_weights={n + 3: 0.5})
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        decomm.neighbor_allreduce(x, self_weight=-0.5, src_weights={})
+    with pytest.raises(ValueError, match="itself"):
+        decomm.neighbor_allreduce(x, self_weight=0.5, src_weights={r: 0.5})
+    if n >= 4:
+        far = (r + 2) % n  # not a ring neighbour
+        with pytest.raises(ValueError, match=f"src_weights names rank\\(s\\) \\[{far}\\]"):
+            decomm.neighbor_allreduce(x, self_weight=0.5, src_weights={far: 0.5})
+    with pytest.raises(ValueError, match="also give"):
+        decomm.neighbor_allreduce(x, dst_weights={(r + 1) % n: 1.0})
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        decomm.neighbor_allreduce(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="average=True"):
+        decomm.allreduce(torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="torch.Tensor or numpy"):
+        decomm.neighbor_allreduce([1.0, 2.0])
+    with pytest.raises(TypeError, match="name"):
+        decomm.neighbor_allreduce(x, name=3)
+    with pytest.raises(ValueError, match="root=.* out of range"):
+        decomm.broadcast(x, root=n)
+    with pytest.raises(ValueError):
+        decomm.advance_round(-1)
+    with pytest.raises(ValueError):
+        decomm.set_timeout(0)
+    with pytest.raises(ValueError, match="backend"):
+        decomm.init(backend="gloo")

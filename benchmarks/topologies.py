@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -87,8 +88,10 @@ PAYLOAD_FACTOR = {"dsgd": 1, "d2": 1, "gt": 2}
 
 @dataclass(frozen=True)
 class Spec:
-    """One training run."""
+    """One training run (``study``: "topology" = the DSGD comparison, "algorithm" = DSGD vs
+    D² vs GT)."""
 
+    study: str
     task: str
     n: int
     alpha: float
@@ -152,11 +155,13 @@ def run_one(spec: Spec) -> Curve:
     def make_model() -> torch.nn.Module:
         return build_model(cfg["model"], data.input_shape, data.num_classes, hidden=cfg["hidden"])
 
-    sim = Simulation(
-        topo, make_model,
-        lambda m: torch.optim.SGD(m.parameters(), lr=spec.lr, momentum=0.9),
-        wrapper_cls=WRAPPERS[spec.optimizer],
-    )
+    with warnings.catch_warnings():  # D² warns about time-varying / non-symmetric rounds
+        warnings.simplefilter("ignore", UserWarning)
+        sim = Simulation(
+            topo, make_model,
+            lambda m: torch.optim.SGD(m.parameters(), lr=spec.lr, momentum=0.9),
+            wrapper_cls=WRAPPERS[spec.optimizer],
+        )
     eval_model = make_model()
     payload = PAYLOAD_FACTOR[spec.optimizer] * sum(
         p.numel() * p.element_size() for p in eval_model.parameters())
@@ -223,8 +228,8 @@ def plan(args: argparse.Namespace) -> list[Spec]:
             for alpha in args.alpha:
                 for label, name, k in TOPOLOGY_SET:
                     for seed in seeds:
-                        specs.append(Spec(task, n, alpha, label, name, k, "dsgd", seed, epochs,
-                                          cfg["lr"], cfg["batch"]))
+                        specs.append(Spec("topology", task, n, alpha, label, name, k, "dsgd",
+                                          seed, epochs, cfg["lr"], cfg["batch"]))
     # DSGD vs D² vs gradient tracking over Base-(k+1), exponential (and ring as a static
     # symmetric reference): the hard task, the largest n, the heterogeneous alpha
     if args.algorithms:
@@ -234,8 +239,8 @@ def plan(args: argparse.Namespace) -> list[Spec]:
         for opt in ("dsgd", "d2", "gt"):
             for label, name, k in ALGORITHM_TOPOLOGIES:
                 for seed in seeds:
-                    specs.append(Spec(task, max(args.n), min(args.alpha), label, name, k, opt,
-                                      seed, epochs, cfg["alg_lr"], cfg["batch"]))
+                    specs.append(Spec("algorithm", task, max(args.n), min(args.alpha), label,
+                                      name, k, opt, seed, epochs, cfg["alg_lr"], cfg["batch"]))
     return specs
 
 
@@ -247,14 +252,15 @@ def _mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
-Group = tuple[str, int, float, str]  # task, n, alpha, optimizer
+Group = tuple[str, str, int, float, str]  # study, task, n, alpha, optimizer
 
 
 def summarise(results: list[tuple[Spec, Curve]]) -> dict[Group, dict[str, dict[str, Any]]]:
     """Aggregate over seeds: group -> topology label -> statistics."""
     by: dict[Group, dict[str, list[tuple[Spec, Curve]]]] = defaultdict(lambda: defaultdict(list))
     for spec, curve in results:
-        by[(spec.task, spec.n, spec.alpha, spec.optimizer)][spec.label].append((spec, curve))
+        key = (spec.study, spec.task, spec.n, spec.alpha, spec.optimizer)
+        by[key][spec.label].append((spec, curve))
     out: dict[Group, dict[str, dict[str, Any]]] = {}
     for group, topos in by.items():
         out[group] = {}
@@ -328,43 +334,85 @@ def verdict(group: Group, stats: dict[str, dict[str, Any]]) -> str:
     return text + "."
 
 
+def _plot_panel(ax_acc: Any, ax_cons: Any, stats: dict[str, dict[str, Any]], title: str) -> None:
+    for idx, (label, s) in enumerate(sorted(stats.items())):
+        style = "-" if label.startswith("Base") else "--"
+        ep = np.arange(1, len(s["curve_acc"]) + 1)
+        ax_acc.plot(ep, 100 * s["curve_acc"], style, color=f"C{idx}", label=label)
+        ax_cons.semilogy(ep, np.maximum(s["curve_cons"], 1e-12), style, color=f"C{idx}",
+                         label=label)
+    ax_acc.set_title(title, fontsize=10)
+    ax_acc.set_ylabel("test acc. of averaged model (%)")
+    ax_cons.set_ylabel("consensus distance")
+    for ax in (ax_acc, ax_cons):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3, which="both")
+    finals = [float(100 * s["curve_acc"][-1]) for s in stats.values()]
+    good = [f for f in finals if f > 20] or finals  # do not let a diverged run set the scale
+    tail = [float(np.min(100 * s["curve_acc"][len(s["curve_acc"]) // 4:]))
+            for s in stats.values() if float(100 * s["curve_acc"][-1]) in good]
+    ax_acc.set_ylim(max(0.0, min(tail) - 2), max(good) + 2)
+    ax_acc.legend(fontsize=7, loc="lower right")
+
+
 def write_plots(summary: dict[Group, dict[str, dict[str, Any]]], outdir: Path) -> list[str]:
-    """One PNG per (task, n, optimizer): accuracy and consensus vs epoch for both alphas."""
+    """PNGs: per (task, n) the DSGD comparison for every alpha; one for the algorithm study.
+
+    Top row: test accuracy of the averaged model vs epoch; bottom: consensus distance.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
-    keys = sorted({(t, n, o) for (t, n, _a, o) in summary})
-    for task, n, opt in keys:
-        alphas = sorted({a for (t, nn, a, o) in summary if (t, nn, o) == (task, n, opt)},
-                        reverse=True)
-        fig, axes = plt.subplots(2, len(alphas), figsize=(5.2 * len(alphas), 7.4), squeeze=False)
-        for col, alpha in enumerate(alphas):
-            stats = summary[(task, n, alpha, opt)]
-            for idx, (label, s) in enumerate(sorted(stats.items())):
-                style = "-" if label.startswith("Base") else "--"
-                ep = np.arange(1, len(s["curve_acc"]) + 1)
-                axes[0, col].plot(ep, 100 * s["curve_acc"], style, color=f"C{idx}", label=label)
-                axes[1, col].semilogy(ep, np.maximum(s["curve_cons"], 1e-12), style,
-                                      color=f"C{idx}", label=label)
-            axes[0, col].set_title(f"{task}, n={n}, α={alpha:g}, {opt.upper()}")
-            axes[0, col].set_ylabel("test acc. of averaged model (%)")
-            axes[1, col].set_ylabel("consensus distance")
-            for row in (0, 1):
-                axes[row, col].set_xlabel("epoch")
-                axes[row, col].grid(alpha=0.3, which="both")
-            tail = [100 * s["curve_acc"][len(s["curve_acc"]) // 4:] for s in stats.values()]
-            lo = min(float(np.min(t)) for t in tail)
-            axes[0, col].set_ylim(max(0.0, lo - 2), None)
-        axes[0, 0].legend(fontsize=8, loc="lower right")
+    for task, n in sorted({(g[1], g[2]) for g in summary if g[0] == "topology"}):
+        groups = sorted((g for g in summary if g[:3] == ("topology", task, n)),
+                        key=lambda g: -g[3])
+        fig, axes = plt.subplots(2, len(groups), figsize=(5.2 * len(groups), 7.4), squeeze=False)
+        for col, g in enumerate(groups):
+            _plot_panel(axes[0, col], axes[1, col], summary[g],
+                        f"{task}, n={n}, α={g[3]:g}, DSGD+momentum")
         fig.tight_layout()
-        name = f"topologies_{task}_n{n}_{opt}.png"
+        name = f"topologies_{task}_n{n}.png"
+        fig.savefig(outdir / name, dpi=90)
+        plt.close(fig)
+        files.append(name)
+    algo = sorted((g for g in summary if g[0] == "algorithm"),
+                  key=lambda g: ("dsgd", "d2", "gt").index(g[4]))
+    if algo:
+        fig, axes = plt.subplots(2, len(algo), figsize=(5.2 * len(algo), 7.4), squeeze=False)
+        for col, g in enumerate(algo):
+            _plot_panel(axes[0, col], axes[1, col], summary[g],
+                        f"{g[1]}, n={g[2]}, α={g[3]:g}, {ALGORITHM_NAMES[g[4]]}")
+        fig.tight_layout()
+        name = "topologies_algorithms.png"
         fig.savefig(outdir / name, dpi=90)
         plt.close(fig)
         files.append(name)
     return files
+
+
+ALGORITHM_NAMES = {"dsgd": "DSGD", "d2": "D²", "gt": "gradient tracking"}
+
+
+def algorithm_table(summary: dict[Group, dict[str, dict[str, Any]]]) -> list[str]:
+    """Markdown: rows = topology, columns = final accuracy of DSGD / D² / GT."""
+    algo = {g[4]: summary[g] for g in summary if g[0] == "algorithm"}
+    if not algo:
+        return []
+    opts = [o for o in ("dsgd", "d2", "gt") if o in algo]
+    labels = [lab for lab, _, _ in ALGORITHM_TOPOLOGIES if lab in algo[opts[0]]]
+    head = "| topology | max deg. | " + " | ".join(
+        f"{ALGORITHM_NAMES[o]} final acc. (%)" for o in opts) + " | MB sent / rank (" + \
+        ", ".join(ALGORITHM_NAMES[o] for o in opts) + ") |"
+    lines = [head, "|---|---:|" + "---:|" * len(opts) + "---:|"]
+    for lab in labels:
+        cells = [_fmt(algo[o][lab]["acc"]) for o in opts]
+        mbs = ", ".join(f"{algo[o][lab]['mb']:.2f}" for o in opts)
+        lines.append(f"| {lab} | {algo[opts[0]][lab]['degree']} | " + " | ".join(cells)
+                     + f" | {mbs} |")
+    return lines
 
 
 def write_report(results: list[tuple[Spec, Curve]], args: argparse.Namespace,
@@ -408,14 +456,26 @@ def write_report(results: list[tuple[Spec, Curve]], args: argparse.Namespace,
         "2,000 test samples.",
         "",
     ]
-    for group in sorted(summary, key=lambda g: (g[3] != "dsgd", g[0] != "synthetic", -g[1], -g[2])):
-        task, n, alpha, opt = group
-        lines += [f"## {task}, n = {n}, α = {alpha:g}, {opt.upper()}", ""]
+    for group in sorted((g for g in summary if g[0] == "topology"),
+                        key=lambda g: (g[1] != "synthetic", -g[2], -g[3])):
+        _, task, n, alpha, _ = group
+        lines += [f"## {task}, n = {n}, α = {alpha:g}, DSGD + momentum", ""]
         lines += table(summary[group])
         v = verdict(group, summary[group])
         if v:
             lines += ["", f"Paper's ordering (Base-(k+1) ≥ exp > ring): {v}"]
         lines.append("")
+    algo = [g for g in summary if g[0] == "algorithm"]
+    if algo:
+        _, task, n, alpha, _ = algo[0]
+        lines += [f"## DSGD vs D² vs gradient tracking ({task}, n = {n}, α = {alpha:g}, "
+                  f"lr {TASKS[task]['alg_lr']})", ""]
+        lines += algorithm_table(summary)
+        lines += ["", "Per-algorithm tables (accuracy early/final, consensus):", ""]
+        for g in sorted(algo, key=lambda g: ("dsgd", "d2", "gt").index(g[4])):
+            lines += [f"### {ALGORITHM_NAMES[g[4]]}", ""]
+            lines += table(summary[g])
+            lines.append("")
     lines += ["## Figures", ""]
     lines += [f"![{p}]({p})" for p in plots]
     lines.append("")

@@ -81,16 +81,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
     const auto t = x.scalar_type();
     TORCH_CHECK(decomm::is_supported_float(t), "unsupported dtype");
-    const int64_t n = x.numel();
-    at::Tensor acc = at::empty({n}, x.options().dtype(decomm::accumulator_dtype(t)));
-    decomm::weighted_init(acc.data_ptr(), x.data_ptr(), self_w, n, t);
+    std::vector<const void*> ptrs(rs.size());
     for (size_t j = 0; j < rs.size(); ++j) {
-      TORCH_CHECK(rs[j].is_contiguous() && rs[j].scalar_type() == t && rs[j].numel() == n,
+      TORCH_CHECK(rs[j].is_contiguous() && rs[j].scalar_type() == t && rs[j].numel() == x.numel(),
                   "neighbour tensor ", j, " must match x");
-      decomm::weighted_add(acc.data_ptr(), rs[j].data_ptr(), ws[j], n, t);
+      ptrs[j] = rs[j].data_ptr();
     }
+    TORCH_CHECK(ws.size() == rs.size(), "one weight per neighbour tensor");
     at::Tensor out = at::empty_like(x);
-    decomm::weighted_store(out.data_ptr(), acc.data_ptr(), n, t);
+    decomm::weighted_sum(out.data_ptr(), x.data_ptr(), self_w, ptrs.data(), ws.data(),
+                         static_cast<int64_t>(ptrs.size()), x.numel(), t);
     return out;
   });
 }

@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace decomm {
@@ -23,35 +24,28 @@ void parallel_chunks(int64_t n, F&& body) {
   }
 }
 
-template <typename T>
-void init_impl(void* acc_v, const void* x_v, double w, int64_t n) {
-  using A = at::opmath_type<T>;
-  auto* acc = static_cast<A*>(acc_v);
-  const auto* x = static_cast<const T*>(x_v);
-  const A wa = static_cast<A>(w);
-  parallel_chunks(n, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) acc[i] = wa * static_cast<A>(x[i]);
-  });
-}
+// Elements per block: the float accumulator block (8 KB) stays in L1.
+constexpr int64_t kBlock = 2048;
 
 template <typename T>
-void add_impl(void* acc_v, const void* r_v, double w, int64_t n) {
-  using A = at::opmath_type<T>;
-  auto* acc = static_cast<A*>(acc_v);
-  const auto* r = static_cast<const T*>(r_v);
-  const A wa = static_cast<A>(w);
-  parallel_chunks(n, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) acc[i] += wa * static_cast<A>(r[i]);
-  });
-}
-
-template <typename T>
-void store_impl(void* out_v, const void* acc_v, int64_t n) {
+void fused_impl(void* out_v, const void* x_v, double w_self, const void* const* rs,
+                const double* ws, int64_t k, int64_t n) {
   using A = at::opmath_type<T>;
   auto* out = static_cast<T*>(out_v);
-  const auto* acc = static_cast<const A*>(acc_v);
+  const auto* x = static_cast<const T*>(x_v);
+  const A w0 = static_cast<A>(w_self);
   parallel_chunks(n, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) out[i] = static_cast<T>(acc[i]);
+    A acc[kBlock];
+    for (int64_t s = b; s < e; s += kBlock) {
+      const int64_t m = std::min(kBlock, e - s);
+      for (int64_t i = 0; i < m; ++i) acc[i] = w0 * static_cast<A>(x[s + i]);
+      for (int64_t j = 0; j < k; ++j) {
+        const auto* r = static_cast<const T*>(rs[j]) + s;
+        const A w = static_cast<A>(ws[j]);
+        for (int64_t i = 0; i < m; ++i) acc[i] += w * static_cast<A>(r[i]);
+      }
+      for (int64_t i = 0; i < m; ++i) out[s + i] = static_cast<T>(acc[i]);
+    }
   });
 }
 
@@ -82,24 +76,9 @@ bool is_supported_float(c10::ScalarType t) {
          t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16;
 }
 
-c10::ScalarType accumulator_dtype(c10::ScalarType t) {
-  return t == c10::ScalarType::Double ? c10::ScalarType::Double : c10::ScalarType::Float;
-}
-
-void weighted_init(void* acc, const void* x, double w, int64_t n, c10::ScalarType t) {
-#define CALL(T) init_impl<T>(acc, x, w, n)
-  DECOMM_FLOAT_SWITCH(t, CALL)
-#undef CALL
-}
-
-void weighted_add(void* acc, const void* r, double w, int64_t n, c10::ScalarType t) {
-#define CALL(T) add_impl<T>(acc, r, w, n)
-  DECOMM_FLOAT_SWITCH(t, CALL)
-#undef CALL
-}
-
-void weighted_store(void* out, const void* acc, int64_t n, c10::ScalarType t) {
-#define CALL(T) store_impl<T>(out, acc, n)
+void weighted_sum(void* out, const void* x, double w_self, const void* const* rs,
+                  const double* ws, int64_t k, int64_t n, c10::ScalarType t) {
+#define CALL(T) fused_impl<T>(out, x, w_self, rs, ws, k, n)
   DECOMM_FLOAT_SWITCH(t, CALL)
 #undef CALL
 }

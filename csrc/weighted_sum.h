@@ -1,9 +1,9 @@
 // Fused weighted-sum kernels for neighbor_allreduce on the CPU.
 //
-// out = w_self * x + sum_j w_j * r_j is built in a fixed order (self first,
-// then neighbours by ascending rank) so results are bitwise reproducible, and
-// one neighbour at a time as its message lands, so the arithmetic overlaps the
-// network. float16/bfloat16 accumulate in float32.
+// out = w_self * x + sum_j w_j * r_j in one pass over memory: the sum is built
+// block by block in a small cache-resident accumulator, adding terms in a fixed
+// order (self first, then neighbours by ascending rank) so results are bitwise
+// reproducible. float16/bfloat16 accumulate in float32. `out` may alias `x`.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -12,15 +12,10 @@
 
 namespace decomm {
 
-// dtype of the accumulator used for inputs of dtype `t`.
-c10::ScalarType accumulator_dtype(c10::ScalarType t);
+// out = w_self * x + sum_{j<k} ws[j] * rs[j], all of dtype t, one pass.
+void weighted_sum(void* out, const void* x, double w_self, const void* const* rs,
+                  const double* ws, int64_t k, int64_t n, c10::ScalarType t);
 
-// acc = w * x   (acc has accumulator_dtype(t), x has t)
-void weighted_init(void* acc, const void* x, double w, int64_t n, c10::ScalarType t);
-// acc += w * r
-void weighted_add(void* acc, const void* r, double w, int64_t n, c10::ScalarType t);
-// out = acc, converted to t
-void weighted_store(void* out, const void* acc, int64_t n, c10::ScalarType t);
 // dst = w * src, both of dtype t (the scaled copy sent to one out-neighbour)
 void scaled_copy(void* dst, const void* src, double w, int64_t n, c10::ScalarType t);
 

@@ -160,7 +160,8 @@ def build_plan(
     cpus = local_cpu_count() if cpu_count is None else cpu_count
     euid = os.geteuid() if uid is None else uid
     if not args.command:
-        raise LauncherError("decomm-run: no command given (e.g. `decomm-run -np 4 python train.py`)")
+        raise LauncherError(
+            "decomm-run: no command given (e.g. `decomm-run -np 4 python train.py`)")
     if args.np is not None and args.np < 1:
         raise LauncherError(f"-np {args.np}: the number of processes must be >= 1")
 

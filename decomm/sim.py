@@ -113,14 +113,10 @@ class SimNodeCommunicator:
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         return self._refuse("neighbor_allreduce_")  # type: ignore[no-any-return]
 
-    def neighbor_allreduce_nonblocking_(
-        self, tensor: Tensor, name: str | None = None
-    ) -> Handle:
+    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
         return self._refuse("neighbor_allreduce_nonblocking_")  # type: ignore[no-any-return]
 
-    def allreduce_(
-        self, tensor: Tensor, average: bool = True, name: str | None = None
-    ) -> Tensor:
+    def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
         return self._refuse("allreduce_")  # type: ignore[no-any-return]
 
     def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor:
@@ -276,9 +272,7 @@ class Simulation:
                 buf.copy_(row)
 
     # ------------------------------------------------------------------- step
-    def step(
-        self, loss_fn: Callable[[int, nn.Module], Tensor] | None = None
-    ) -> list[float] | None:
+    def step(self, loss_fn: Callable[[int, nn.Module], Tensor] | None = None) -> list[float] | None:
         """One synchronous step of all nodes.
 
         ``loss_fn(i, model)`` returns node ``i``'s loss (its own data shard);

@@ -5,7 +5,7 @@ An ordinary PyTorch training loop; three lines make it decentralized::
 
     decomm.init()                                              # 1. join the MPI job
     decomm.set_topology(BaseGraph(decomm.size(), k=1))         # 2. who talks to whom
-    opt = decomm.optim.DSGD(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))  # 3.
+    opt = decomm.optim.DSGD(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9))  # 3.
 
 Every rank trains its own copy of the model on its own shard of the data (a
 Dirichlet label split: ``--alpha 0.1`` gives each rank one or two classes,
@@ -95,8 +95,10 @@ def make_inner_optimizer(params: Any, lr: float, momentum: float,
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def wrap_optimizer(name: str, inner: torch.optim.Optimizer, *, momentum: float,
-                   communicate_every: int = 1, **kwargs: Any) -> decomm.optim.DecentralizedOptimizer:
+def wrap_optimizer(
+    name: str, inner: torch.optim.Optimizer, *, momentum: float, communicate_every: int = 1,
+    **kwargs: Any,
+) -> decomm.optim.DecentralizedOptimizer:
     """Wrap ``inner`` with the decentralized algorithm ``name`` (one of :data:`OPTIMIZERS`).
 
     For ``qgdsgdm`` the momentum is the algorithm's own quasi-global momentum, so the
@@ -133,24 +135,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits and synthetic are offline; the others read --data-dir")
     p.add_argument("--data-dir", default=None,
-                   help="directory with the FashionMNIST / CIFAR-10 files (default $DECOMM_DATA or ./data)")
+                   help="directory with the FashionMNIST / CIFAR-10 files "
+                        "(default $DECOMM_DATA or ./data)")
     p.add_argument("--model", choices=MODELS, default=None,
-                   help="default: mlp for digits/synthetic, lenet for fashionmnist, vgg11 for cifar10")
+                   help="default: mlp for digits/synthetic, lenet for fashionmnist, "
+                        "vgg11 for cifar10")
     p.add_argument("--topology", choices=TOPOLOGIES, default="base")
     p.add_argument("--k", type=int, default=1, help="max degree of the Base-(k+1) family")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="dsgd")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine schedule)")
+    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate (cosine schedule)")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine")
+    p.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear warm-up before the cosine")
     p.add_argument("--communicate-every", type=int, default=1, help="local steps per exchange")
     p.add_argument("--alpha", type=float, default=0.1,
-                   help="Dirichlet heterogeneity of the label split (small = heterogeneous; inf = IID)")
-    p.add_argument("--epochs", type=int, default=10)
+                   help="Dirichlet heterogeneity of the label split "
+                        "(small = heterogeneous; inf = IID)")
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-samples", type=int, default=2000,
                    help="test samples used for the local-model accuracy (averaged model: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: 1 for mlp/cnn, else cores / local ranks)")
     p.add_argument("--out", default="runs", help="directory for the CSV and PNG")
     p.add_argument("--no-plot", action="store_true", help="write the CSV only")
     args = p.parse_args(argv)
@@ -174,9 +182,15 @@ def _cpu_count() -> int:
 
 
 def _allreduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    decomm.allreduce(t, average=False, name="train.metrics")
-    return t.tolist()
+    total = decomm.allreduce(torch.tensor(values, dtype=torch.float64), average=False,
+                             name="train.metrics")
+    return [float(v) for v in total]
+
+
+def _bytes_sent() -> float | None:
+    """Bytes this rank has sent through decomm so far (``decomm.stats()``), if available."""
+    stats = getattr(decomm, "stats", None)
+    return float(stats()["bytes_sent"]) if stats is not None else None
 
 
 def _set_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
@@ -239,8 +253,11 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     must have been called. The returned rows are the same on every rank.
     """
     rank, n = decomm.rank(), decomm.size()
-    local = getattr(decomm, "local_size", lambda: n)()
-    threads = max(1, _cpu_count() // max(1, local))
+    model_name = args.model or default_model(args.dataset)
+    threads = args.threads
+    if threads is None:  # small models: one thread (less overhead); else share the cores
+        big = model_name in ("lenet", "vgg11", "resnet18")
+        threads = max(1, _cpu_count() // max(1, decomm.local_size())) if big else 1
     torch.set_num_threads(threads)  # 25 ranks on 2 cores: one thread each
     say = print if rank == 0 else (lambda *a, **k: None)
 
@@ -253,12 +270,12 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     x_train, y_train = torch.from_numpy(x_np), torch.from_numpy(y_np)
     x_all, y_all = data.test_arrays()
     x_test, y_test = torch.from_numpy(x_all), torch.from_numpy(y_all)
-    eval_idx = torch.from_numpy(np.random.default_rng(12345).permutation(len(y_all))[: args.eval_samples])
+    order = np.random.default_rng(12345).permutation(len(y_all))
+    eval_idx = torch.from_numpy(order[: args.eval_samples])
     mine = torch.arange(rank, len(y_all), n)  # this rank's slice for the averaged model
     del data
 
     # ---- model, topology, optimizer: the three decomm lines are marked
-    model_name = args.model or default_model(args.dataset)
     torch.manual_seed(args.seed)
     model = build_model(model_name, x_train.shape[1:], int(y_all.max()) + 1)
     avg_model = build_model(model_name, x_train.shape[1:], int(y_all.max()) + 1)
@@ -272,7 +289,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     min_shard = int(stats["min_size"])
     steps_per_epoch = max(1, math.ceil(min_shard / args.batch_size))  # same on every rank
     total_steps = steps_per_epoch * args.epochs
-    warmup = int(round(args.warmup_epochs * steps_per_epoch))
+    warmup = round(args.warmup_epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     n_params = count_parameters(model)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -288,20 +305,22 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
         f"gives {int(stats['min_size'])}-{int(stats['max_size'])} training samples per rank, "
         f"{stats['classes']:.1f} effective classes per rank (TV from global {stats['tv']:.2f})")
     say(f"[train] model {model_name}: {n_params:,} parameters ({param_bytes / 1e3:.1f} kB); "
-        f"optimizer {type(opt).__name__}(SGD lr={args.lr:g}, momentum={args.momentum:g}), cosine schedule")
-    say(f"[train] {args.epochs} epoch(s) x {steps_per_epoch} step(s), batch {args.batch_size} per rank; "
-        f"loading took {time.perf_counter() - t_start:.1f}s")
+        f"optimizer {type(opt).__name__}(SGD lr={args.lr:g}, momentum={args.momentum:g}), "
+        "cosine schedule")
+    say(f"[train] {args.epochs} epoch(s) x {steps_per_epoch} step(s), batch {args.batch_size} "
+        f"per rank; loading took {time.perf_counter() - t_start:.1f}s")
     say(f"{'epoch':>5} {'loss':>8} {'acc(avg)':>9} {'acc(local)':>10} {'consensus':>10} "
         f"{'MB sent/rank':>12} {'time(s)':>8}", flush=True)
 
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    bytes_sent = 0.0
+    bytes_sent = estimate = 0.0
     rows: list[dict[str, float]] = []
     decomm.barrier()
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         perm = torch.randperm(len(y_train), generator=gen)
         loss_sum = 0.0
+        sent_before = _bytes_sent()
         for batch in torch.tensor_split(perm, steps_per_epoch):
             opt.zero_grad()
             loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
@@ -309,15 +328,20 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
             round_before = decomm.current_round()
             opt.step()
             if decomm.current_round() != round_before:  # a gossip exchange happened
-                bytes_sent += payload * len(topology.out_neighbors(rank, round_before))
+                estimate += payload * len(topology.out_neighbors(rank, round_before))
             sched.step()
-            loss_sum += float(loss)
+            loss_sum += loss.item()
+
+        sent_after = _bytes_sent()
+        if sent_after is not None and sent_before is not None:
+            bytes_sent += sent_after - sent_before  # training steps only, not evaluation
+        else:
+            bytes_sent = estimate
 
         # ---- evaluation (collective): averaged model on the whole test set, split across
         # ranks; every local model on the same eval subset; consensus distance
         flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-        decomm.allreduce(flat, average=True, name="train.average_model")
-        _set_flat(avg_model, flat)
+        _set_flat(avg_model, decomm.allreduce(flat, average=True, name="train.average_model"))
         hits_avg = _correct(avg_model, x_test[mine], y_test[mine])
         acc_local = _correct(model, x_test[eval_idx], y_test[eval_idx]) / len(eval_idx)
         consensus = decomm.optim.consensus_distance(model)
@@ -344,8 +368,8 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
         msg = f"[train] wrote {out / (stem + '.csv')}"
         if not args.no_plot:
             write_plot(rows, out / f"{stem}.png",
-                       f"{topology.name}, {type(opt).__name__}, {args.dataset}, "
-                       f"alpha={args.alpha:g}, n={n}")
+                       f"{type(opt).__name__} over {topology.name}: {args.dataset}, "
+                       f"Dirichlet alpha={args.alpha:g}")
             msg += f" and {out / (stem + '.png')}"
         print(msg, flush=True)
     return rows

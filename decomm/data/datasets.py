@@ -110,7 +110,9 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("DECOMM_DATA", "data"))
 
 
-def _stratified_holdout(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_holdout(
+    y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(y):
@@ -358,7 +360,8 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> ArrayD
     xtr, ytr, xte, yte = (read_idx(p) for p in paths)
     for x, y, what in ((xtr, ytr, "train"), (xte, yte, "t10k")):
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(f"FashionMNIST {what}: images {x.shape} and labels {y.shape} do not match")
+            raise ValueError(
+                f"FashionMNIST {what}: images {x.shape} and labels {y.shape} do not match")
     scaled = xtr.astype(np.float64) / 255.0
     return ArrayDataset("fashionmnist", xtr[:, None], ytr.astype(np.int64), xte[:, None],
                         yte.astype(np.int64), num_classes=10, scale=1.0 / 255.0,
@@ -367,7 +370,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> ArrayD
 
 # --------------------------------------------------------------------------- CIFAR-10
 
-CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 
 
 def load_cifar10(data_dir: str | os.PathLike[str] | None = None) -> ArrayDataset:
@@ -382,7 +385,8 @@ def load_cifar10(data_dir: str | os.PathLike[str] | None = None) -> ArrayDataset
     root = default_data_dir() if data_dir is None else Path(data_dir)
     paths = _find_files(
         "CIFAR-10", root, ("", "cifar-10-batches-py"), CIFAR10_FILES, ("",),
-        "Get cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it.",
+        "Get cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+        "and unpack it.",
     )
     train = [read_cifar10_batch(p) for p in paths[:5]]
     xte, yte = read_cifar10_batch(paths[5])

@@ -180,7 +180,9 @@ def label_histograms(
         np.zeros((0, k), dtype=np.int64)
 
 
-def split_summary(labels: Sequence[int] | np.ndarray, shards: Sequence[np.ndarray]) -> dict[str, float]:
+def split_summary(
+    labels: Sequence[int] | np.ndarray, shards: Sequence[np.ndarray]
+) -> dict[str, float]:
     """Scalar heterogeneity measures of a split (for logging and tests).
 
     Returns a dict with:

@@ -61,8 +61,12 @@ def _check_int(name: str, value: Any, allow_none: bool = False) -> int | None:
 
 
 _DTYPE_CODES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.complex64, torch.complex128,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
 ]
 
 
@@ -73,15 +77,11 @@ def _param_names(param_groups: list[dict]) -> dict[int, str]:
         for k, p in enumerate(group["params"]):
             if id(p) in names:
                 continue
-            names[id(p)] = (
-                repr(pnames[k]) if pnames else f"param_groups[{gi}]['params'][{k}]"
-            )
+            names[id(p)] = repr(pnames[k]) if pnames else f"param_groups[{gi}]['params'][{k}]"
     return names
 
 
-def check_same_parameters(
-    comm: Communicator, params: list[Tensor], names: list[str]
-) -> None:
+def check_same_parameters(comm: Communicator, params: list[Tensor], names: list[str]) -> None:
     """Raise ``DecommError`` on every rank if ranks wrap different parameters.
 
     Cost: one ``allgather`` of two int64 per rank (count and a CRC32 of the
@@ -112,7 +112,7 @@ def check_same_parameters(
         rows[k, 1] = p.dim()
         dims = list(p.shape)
         if len(dims) > width - 2:
-            dims = dims[: width - 3] + [zlib.crc32(repr(tuple(p.shape)).encode())]
+            dims = [*dims[: width - 3], zlib.crc32(repr(tuple(p.shape)).encode())]
         for d, v in enumerate(dims):
             rows[k, 2 + d] = int(v)
     allrows = comm.allgather(rows.reshape(-1), name="decomm.optim.shapes").reshape(
@@ -243,9 +243,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return f"{type(self).__name__}({self.optimizer!r}, {opts})"
 
     def __getstate__(self) -> dict[str, Any]:
-        raise TypeError(
-            f"{type(self).__name__} cannot be pickled; save state_dict() instead"
-        )
+        raise TypeError(f"{type(self).__name__} cannot be pickled; save state_dict() instead")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -454,8 +452,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if dc is not None:
             if dc.get("algorithm") != type(self).__name__:
                 raise ValueError(
-                    f"state_dict was saved by {dc.get('algorithm')}, not "
-                    f"{type(self).__name__}"
+                    f"state_dict was saved by {dc.get('algorithm')}, not {type(self).__name__}"
                 )
             mine = [(b.numel, str(b.dtype)) for b in self._buckets]
             theirs = [tuple(x) for x in dc["buckets"]]

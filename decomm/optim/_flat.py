@@ -72,9 +72,7 @@ class Bucket:
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-parameter views (shaped like the params) of a flat ``numel`` tensor."""
-        return [
-            flat[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets, self.params)
-        ]
+        return [flat[o : o + p.numel()].view_as(p) for o, p in zip(self.offsets, self.params)]
 
     def new_state(self, fill: float | None = 0.0) -> Tensor:
         """Allocate a flat state vector of ``numel`` elements (once, at setup)."""
@@ -103,9 +101,7 @@ class Bucket:
         return all(p.data_ptr() == q for p, q in zip(self.params, self.ptrs))
 
 
-def build_buckets(
-    indexed_params: list[tuple[int, Tensor]], segments: int = 1
-) -> list[Bucket]:
+def build_buckets(indexed_params: list[tuple[int, Tensor]], segments: int = 1) -> list[Bucket]:
     """Move parameters into flat buckets (one per device/dtype), keeping values.
 
     ``segments`` is the number of model-sized blocks in each bucket's buffer

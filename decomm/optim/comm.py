@@ -131,14 +131,10 @@ class MPICommunicator:
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         return self._dc.neighbor_allreduce_(tensor, name=name)
 
-    def neighbor_allreduce_nonblocking_(
-        self, tensor: Tensor, name: str | None = None
-    ) -> Handle:
+    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
         return self._dc.neighbor_allreduce_nonblocking_(tensor, name=name)
 
-    def allreduce_(
-        self, tensor: Tensor, average: bool = True, name: str | None = None
-    ) -> Tensor:
+    def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
         return self._dc.allreduce_(tensor, average=average, name=name)
 
     def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor:
@@ -180,14 +176,10 @@ class LocalCommunicator:
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         return tensor
 
-    def neighbor_allreduce_nonblocking_(
-        self, tensor: Tensor, name: str | None = None
-    ) -> Handle:
+    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
         raise NotImplementedError
 
-    def allreduce_(
-        self, tensor: Tensor, average: bool = True, name: str | None = None
-    ) -> Tensor:
+    def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
         return tensor
 
     def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor:

@@ -75,9 +75,7 @@ class DSGD(DecentralizedOptimizer):
         return self.combine_first
 
     def _setup(self) -> None:
-        self._scratch = (
-            [b.new_state(None) for b in self._buckets] if self.combine_first else []
-        )
+        self._scratch = [b.new_state(None) for b in self._buckets] if self.combine_first else []
 
     def _mix_buffers(self) -> list[Tensor]:
         if self.combine_first:

@@ -31,8 +31,9 @@ class QGDSGDm(DecentralizedOptimizer):
     The wrapped optimizer must be ``torch.optim.SGD`` without momentum: it is
     fed ``v`` (or the Nesterov direction) in place of the gradient, so its
     learning rate ``η`` (per param group, scheduler-driven) and weight decay
-    apply as usual.  ``d`` uses the group's current ``lr``; a group with
-    ``lr == 0`` only decays its buffer.  Local steps use ``W = I``.
+    apply as usual (after :meth:`step` ``p.grad`` holds the direction fed to
+    it, ``v``).  ``d`` uses the group's current ``lr``; a group with ``lr == 0``
+    only decays its buffer.  Local steps use ``W = I``.
     """
 
     def __init__(
@@ -52,8 +53,7 @@ class QGDSGDm(DecentralizedOptimizer):
             optimizer, torch.optim.SGD
         ):
             raise TypeError(
-                f"QGDSGDm wraps torch.optim.SGD (without momentum), got "
-                f"{type(optimizer).__name__}"
+                f"QGDSGDm wraps torch.optim.SGD (without momentum), got {type(optimizer).__name__}"
             )
         if isinstance(optimizer, torch.optim.SGD):
             for g in optimizer.param_groups:

@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 _BLOCK = 256
+#: ||P - J/n||_2 below this is rounding error: the sequence is exact, rho = 0.
+_EXACT = 1e-12
 
 
 def apply_rounds(topo: Topology, x: np.ndarray, start: int, steps: int) -> np.ndarray:
@@ -109,6 +111,8 @@ def spectral_gap(topo: Topology, per_round: bool = False, samples: int = 256) ->
     if topo.rounds == 1:
         return 1.0 - _second_eig_modulus(topo.matrix(0))
     rho = _dev_norm(cycle_product(topo))
+    if rho < _EXACT:  # rounding error of an exact sequence
+        rho = 0.0
     if per_round:
         return 1.0 - max(rho, 0.0) ** (1.0 / topo.rounds)
     return 1.0 - rho

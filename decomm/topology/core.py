@@ -53,7 +53,8 @@ def _check_int(value: Any, what: str, minimum: int = 0) -> int:
 def _as_numpy_matrix(m: Any, index: int) -> np.ndarray:
     """Convert a numpy array / torch tensor / nested list into a float64 ndarray."""
     if hasattr(m, "detach") and hasattr(m, "cpu"):  # torch.Tensor, without importing torch
-        m = m.detach().cpu().numpy()
+        m = m.detach().cpu()
+        m = (m.double() if hasattr(m, "double") else m).numpy()  # bfloat16 has no numpy twin
     try:
         arr = np.asarray(m, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -94,6 +95,13 @@ class Topology:
         params: Mapping[str, Any] | None = None,
         sample_rounds: int = SAMPLE_ROUNDS,
     ) -> None:
+        """Low-level constructor; prefer the graph constructors or :meth:`from_matrices`.
+
+        Give either ``round_list`` (the cycle, as :class:`SparseRound` objects) or
+        ``generator`` (``t -> SparseRound``, a pure function of t for a random family;
+        its identity must be fully described by ``params``, which the fingerprint
+        hashes).  Rounds are not validated here.
+        """
         self.n = _check_int(n, "n", 1)
         if (round_list is None) == (generator is None):
             raise ValueError(
@@ -419,7 +427,8 @@ class Topology:
           eigenvalue modulus;
         * cycles (``rounds = L > 1``): ``rho = ||P - J/n||_2`` for the cycle product
           P (the second largest singular value of P when P is doubly stochastic);
-          exact sequences have gap 1.  With ``per_round=True`` returns
+          exact sequences have gap 1 (rho below 1e-12 counts as 0).  With
+          ``per_round=True`` returns
           ``1 - rho ** (1 / L)``, comparable with static graphs;
         * random families: the expected per-round mean-square rate of Song et al.
           (2022), ``rho^2 = ||E[(W - J/n)^T (W - J/n)]||_2`` (so that

@@ -80,15 +80,20 @@ def test_least_squares_matches_simulation_and_optimum():
     n, r = decomm.size(), decomm.rank()
     topo = lazy_ring(n)
     xs = optimum(n)
-    steps, check_every = 250, 50
+    check_every = 50
     errors = {}
-    for cls in (DSGD, GradientTracking, D2):
+    # DSGD sits at its biased fixed point long before 100 steps; GT / D2 need ~170
+    for cls, steps in ((DSGD, 100), (GradientTracking, 200), (D2, 200)):
         decomm.set_topology(topo)
         model = linear()
         opt = cls(torch.optim.SGD(model.parameters(), lr=0.2))
         torch.manual_seed(0)
-        sim = Simulation(topo, lambda: nn.Linear(D, 1, bias=False, dtype=torch.float64),
-                         lambda m: torch.optim.SGD(m.parameters(), lr=0.2), cls)
+        sim = Simulation(
+            topo,
+            lambda: nn.Linear(D, 1, bias=False, dtype=torch.float64),
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.2),
+            cls,
+        )
         with torch.no_grad():  # the simulation starts where rank 0 started
             sim.models[0].weight.copy_(model.weight)
             for m in sim.models[1:]:
@@ -110,17 +115,23 @@ def test_one_message_per_communication_step(cls):
     """communicate_every=3: bytes move only on every 3rd step, one flat buffer each time."""
     n = decomm.size()
     decomm.set_topology(RingGraph(n) if cls is not D2 else lazy_ring(n))
-    model = nn.Sequential(nn.Linear(D, 3, dtype=torch.float64), nn.Linear(3, 1, dtype=torch.float64))
+    model = nn.Sequential(
+        nn.Linear(D, 3, dtype=torch.float64), nn.Linear(3, 1, dtype=torch.float64)
+    )
     numel = sum(p.numel() for p in model.parameters())
     opt = cls(torch.optim.SGD(model.parameters(), lr=0.01), communicate_every=3)
-    in_degree = len(decomm.in_neighbors())
-    message = numel * 8 * (2 if cls is GradientTracking else 1)
+    segments = 2 if cls is GradientTracking else 1
+    # the floor: what ONE neighbor_allreduce_ of one flat buffer of that size moves
+    decomm.reset_stats()
+    decomm.neighbor_allreduce_(torch.zeros(numel * segments, dtype=torch.float64))
+    per_exchange = decomm.stats()["bytes_received"]
+    assert per_exchange >= len(decomm.in_neighbors()) * numel * segments * 8
     decomm.reset_stats()
     for s in range(7):
         train(model, opt, 1)
         comms = (s + 1) // 3
         assert decomm.current_round() == comms
-        assert decomm.stats()["bytes_received"] == comms * in_degree * message
+        assert decomm.stats()["bytes_received"] == comms * per_exchange
 
 
 def test_global_every_does_not_advance_round():
@@ -155,8 +166,11 @@ def test_inner_optimizers_decrease_loss_on_every_rank(inner, cls):
 
     torch.manual_seed(decomm.rank())
     model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, 1))
-    base = (torch.optim.Adam(model.parameters(), lr=0.05) if inner == "adam"
-            else torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9))
+    base = (
+        torch.optim.Adam(model.parameters(), lr=0.05)
+        if inner == "adam"
+        else torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    )
     opt = cls(base)
     losses = train(model, opt, 40, teacher)
     assert losses[-1] < 0.5 * losses[0], (decomm.rank(), losses[0], losses[-1])
@@ -170,16 +184,20 @@ def test_resume_is_bitwise_exact(case):
     decomm.set_topology(topo)
 
     def build():
-        model = nn.Sequential(nn.Linear(D, 4, dtype=torch.float64), nn.Linear(4, 1, dtype=torch.float64))
+        model = nn.Sequential(
+            nn.Linear(D, 4, dtype=torch.float64), nn.Linear(4, 1, dtype=torch.float64)
+        )
         if case == "qg":
             return model, QGDSGDm(torch.optim.SGD(model.parameters(), lr=0.02), momentum=0.8)
         base = torch.optim.Adam(model.parameters(), lr=0.01)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # D2 on a non-symmetric graph: fine for 9 steps
-            wrapper = {"dsgd": lambda: DSGD(base, communicate_every=2),
-                       "awc": lambda: DSGD(base, combine_first=True),
-                       "gt": lambda: GradientTracking(base),
-                       "d2": lambda: D2(base)}[case]()
+            wrapper = {
+                "dsgd": lambda: DSGD(base, communicate_every=2),
+                "awc": lambda: DSGD(base, combine_first=True),
+                "gt": lambda: GradientTracking(base),
+                "d2": lambda: D2(base),
+            }[case]()
         return model, wrapper
 
     torch.manual_seed(0)
@@ -207,9 +225,13 @@ def test_awc_overlap_matches_simulation():
     decomm.set_topology(topo)
     model = linear()
     opt = DSGD(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), combine_first=True)
-    sim = Simulation(topo, lambda: nn.Linear(D, 1, bias=False, dtype=torch.float64),
-                     lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5),
-                     DSGD, combine_first=True)
+    sim = Simulation(
+        topo,
+        lambda: nn.Linear(D, 1, bias=False, dtype=torch.float64),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5),
+        DSGD,
+        combine_first=True,
+    )
     with torch.no_grad():
         for m in sim.models:
             m.weight.copy_(model.weight)

@@ -22,7 +22,8 @@ def test_forward_shapes(name: str, shape: tuple[int, ...]) -> None:
 
 
 def test_parameter_counts_match_the_architectures() -> None:
-    assert count_parameters(build_model("mlp", (64,), 10, hidden=(64,))) == 64 * 64 + 64 + 64 * 10 + 10
+    mlp = build_model("mlp", (64,), 10, hidden=(64,))
+    assert count_parameters(mlp) == 64 * 64 + 64 + 64 * 10 + 10
     # LeNet-5: conv 1->6 (5x5), GN(6), conv 6->16, GN(16), 256->120->84->10
     lenet = 6 * 25 + 6 + 12 + 16 * 6 * 25 + 16 + 32 + 256 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10
     assert count_parameters(build_model("lenet", (1, 28, 28), 10)) == lenet

@@ -152,7 +152,9 @@ def test_find_mpirun_clear_error_when_none(tmp_path: Path, monkeypatch: pytest.M
     assert launcher.main(["-np", "2", "true"]) == 2
 
 
-def test_find_mpirun_prefers_interpreter_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_find_mpirun_prefers_interpreter_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bindir = tmp_path / "venv" / "bin"
     bindir.mkdir(parents=True)
     fake = _fake_mpirun(bindir, "exit 0")
@@ -178,7 +180,9 @@ def test_detect_flavor(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("code", [0, 1, 3, 42])
-def test_exit_code_is_forwarded(tmp_path: Path, code: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_exit_code_is_forwarded(
+    tmp_path: Path, code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake = _fake_mpirun(tmp_path, f"exit {code}")
     rc = launcher.main(["--mpirun", str(fake), "-np", "2", "python", "t.py", "--flag"])
     assert rc == code

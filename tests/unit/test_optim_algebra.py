@@ -20,6 +20,7 @@ from decomm.optim import D2, DSGD, GradientTracking, QGDSGDm
 from decomm.sim import Simulation
 from decomm.topology import OnePeerExponentialGraph, Topology
 
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny tensors: OpenMP threads only contend on the shared 2-core machine."""
@@ -143,7 +144,11 @@ SCHEDULES = [(1, None), (3, None), (1, 2), (2, 3)]
 @pytest.mark.filterwarnings("ignore:D2's analysis assumes symmetric")
 @pytest.mark.parametrize(
     ("alg", "schedule"),
-    [(a, s) for a, s in itertools.product(ALGS, SCHEDULES) if a in ("dsgd", "gt", "d2", "awc", "qg") or s == (1, None)],
+    [
+        (a, s)
+        for a, s in itertools.product(ALGS, SCHEDULES)
+        if a in ("dsgd", "gt", "d2", "awc", "qg") or s == (1, None)
+    ],
 )
 def test_matches_numpy_recursion(alg, schedule):
     p, q = schedule

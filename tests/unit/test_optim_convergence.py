@@ -11,6 +11,7 @@ from decomm.optim import D2, DSGD, GradientTracking, QGDSGDm
 from decomm.sim import Simulation
 from decomm.topology import RingGraph, Topology
 
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny tensors: OpenMP threads only contend on the shared 2-core machine."""
@@ -79,7 +80,9 @@ def test_gt_trackers_sum_to_gradient_sum_and_average_is_preserved():
     for _ in range(5):
         sim.step(ls_loss)
         ys = torch.stack([o.state_dict()["decomm"]["state"]["tracker"][0] for o in sim.optimizers])
-        gs = torch.stack([o.state_dict()["decomm"]["state"]["previous_gradient"][0] for o in sim.optimizers])
+        gs = torch.stack(
+            [o.state_dict()["decomm"]["state"]["previous_gradient"][0] for o in sim.optimizers]
+        )
         # W is doubly stochastic: sum_i W y_i = sum_i y_i = sum_i g_i
         assert torch.allclose(ys.sum(0), gs.sum(0), atol=1e-12)
 

@@ -27,6 +27,7 @@ from decomm.optim._base import check_same_parameters
 from decomm.sim import Simulation
 from decomm.topology import OnePeerExponentialGraph, RingGraph, Topology
 
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny tensors: OpenMP threads only contend on the shared 2-core machine."""
@@ -106,7 +107,9 @@ class ThreadComm:
         self.calls.pop()
         return _Done(t)
 
-    def allreduce_(self, t: torch.Tensor, average: bool = True, name: str | None = None) -> torch.Tensor:
+    def allreduce_(
+        self, t: torch.Tensor, average: bool = True, name: str | None = None
+    ) -> torch.Tensor:
         self.calls.append("allreduce_")
         got = self._exchange(t)
         s = torch.stack(got).sum(0)
@@ -129,7 +132,7 @@ def run_threads(n: int, topology: Any, fn: Callable[[ThreadComm], Any]) -> list[
     def body(r: int) -> None:
         try:
             results[r] = fn(ThreadComm(group, r))
-        except BaseException as e:  # noqa: BLE001 - re-raised below
+        except BaseException as e:
             errors[r] = e
             group.barrier.abort()
 
@@ -138,7 +141,10 @@ def run_threads(n: int, topology: Any, fn: Callable[[ThreadComm], Any]) -> list[
         t.start()
     for t in threads:
         t.join()
-    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)), None)
+    first = next(
+        (e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)),
+        None,
+    )
     if first is not None:
         raise first
     if any(e is not None for e in errors):
@@ -152,7 +158,9 @@ N, D, M = 4, 5, 12
 
 def shard(i: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + i)
-    return torch.randn(M, D, generator=g, dtype=torch.float64), torch.randn(M, generator=g, dtype=torch.float64) + i
+    return torch.randn(M, D, generator=g, dtype=torch.float64), torch.randn(
+        M, generator=g, dtype=torch.float64
+    ) + i
 
 
 class Net(nn.Module):
@@ -208,14 +216,21 @@ def test_step_path_matches_simulation(case):
             if case == "awc_overlap":
                 assert opt._inflight is not None or opt._plan().name != "NEIGHBOR"
             opt.step()
-        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), comm.calls, comm.current_round()
+        return (
+            torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+            comm.calls,
+            comm.current_round(),
+        )
 
     out = run_threads(N, topo, worker)
     sim = Simulation(topo, lambda: Net(seed=0), lambda m: make_opt(m, okw), cls, **wkw)
     for _ in range(steps):
         sim.step(loss_of)
     for r, (x, calls, rnd) in enumerate(out):
-        assert torch.allclose(x, sim.params(r), rtol=0, atol=1e-12), (r, (x - sim.params(r)).abs().max())
+        assert torch.allclose(x, sim.params(r), rtol=0, atol=1e-12), (
+            r,
+            (x - sim.params(r)).abs().max(),
+        )
         assert rnd == sim.round
         assert calls.count("advance_round") == sim.round
         # exactly one mix call per communicating step (one bucket: one dtype)
@@ -238,7 +253,11 @@ def test_constructor_broadcasts_rank0_parameters():
 
     def worker_nob(comm: ThreadComm):
         model = Net(seed=10 + comm.rank())
-        DSGD(torch.optim.SGD(model.parameters(), lr=0.1), communicator=comm, broadcast_parameters=False)
+        DSGD(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            communicator=comm,
+            broadcast_parameters=False,
+        )
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     out = run_threads(3, RingGraph(3), worker_nob)
@@ -251,7 +270,9 @@ def test_shape_mismatch_names_rank_and_parameter():
         model = nn.Sequential(nn.Linear(2, width), nn.Linear(width, 1))
         DSGD(torch.optim.SGD(model.parameters(), lr=0.1), communicator=comm)
 
-    with pytest.raises(DecommError, match=r"param_groups\[0\]\['params'\]\[0\].*\(3, 2\).*rank 0.*\(4, 2\).*rank 2"):
+    with pytest.raises(
+        DecommError, match=r"param_groups\[0\]\['params'\]\[0\].*\(3, 2\).*rank 0.*\(4, 2\).*rank 2"
+    ):
         run_threads(3, RingGraph(3), worker)
 
 

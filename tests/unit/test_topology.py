@@ -94,6 +94,8 @@ def test_from_matrices_accepts_torch_and_single_matrix() -> None:
     assert t.rounds == 1 and t.weights(0, 0) == (0.5, {1: 0.5})
     t2 = Topology.from_matrices([torch.tensor(DIRECTED, dtype=torch.float32)])
     assert t2.in_neighbors(3, 0) == [0, 1]
+    t3 = Topology.from_matrices([torch.full((4, 4), 0.25, dtype=torch.bfloat16)])
+    assert t3.weights(0, 0) == (0.25, {1: 0.25, 2: 0.25, 3: 0.25})
     assert Topology.from_matrices([[1.0]]).rounds == 1
 
 

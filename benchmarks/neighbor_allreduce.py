@@ -73,7 +73,7 @@ def worker(out_path: str | None, reps: int) -> None:
         out = np.empty(numel, dtype=np.float32)
         tmp = np.empty(numel, dtype=np.float32)
 
-        def floor() -> None:
+        def floor(recv=recv, x_np=x_np, out=out, tmp=tmp) -> None:
             reqs = [comm.Irecv(buf, source=s, tag=7) for buf, s in zip(recv, srcs)]
             reqs += [comm.Isend(x_np, dest=d, tag=7) for d in dsts]
             MPI.Request.Waitall(reqs)
@@ -82,10 +82,10 @@ def worker(out_path: str | None, reps: int) -> None:
                 np.multiply(buf, in_w[s], out=tmp)
                 np.add(out, tmp, out=out)
 
-        def ours() -> None:
+        def ours(x_t=x_t) -> None:
             decomm.neighbor_allreduce_(x_t, name="bench")
 
-        def gloo() -> None:
+        def gloo(x_t=x_t) -> None:
             dist.all_reduce(x_t)
 
         for fn in (floor, ours, gloo):  # warm-up: connections, buffer pools, page faults

@@ -116,6 +116,19 @@ def _to_torch(obj: Any, op: str, name: str) -> tuple[torch.Tensor, Any]:
                     f"got {type(obj).__name__}")
 
 
+def _nonfinite_report(t: torch.Tensor, op: str, name: str, state: Any, rnd: int) -> str | None:
+    """With DECOMM_CHECK_FINITE=1: a message if this rank's input holds NaN/Inf."""
+    if not state.check_finite or t.dtype not in FLOAT_DTYPES:
+        return None
+    bad = ~torch.isfinite(t.reshape(-1))
+    if not bool(bad.any()):
+        return None
+    first = int(bad.nonzero()[0, 0])
+    return (f"{op} '{name}' on rank {state.rank}: this rank's input holds {int(bad.sum())} "
+            f"non-finite value(s) (first at flat index {first}: {t.reshape(-1)[first].item()}) "
+            f"at round {rnd}; it was exchanged as is (DECOMM_CHECK_FINITE=1)")
+
+
 def _check_float(t: torch.Tensor, op: str, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op} '{name}' on rank {runtime.rank()}: dtype {t.dtype} is not "
@@ -204,10 +217,13 @@ def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_wei
         out = x
     else:
         out = torch.empty(x.shape, dtype=x.dtype)
+    nonfinite = _nonfinite_report(x, "neighbor_allreduce", name, state, rnd)
     h = state.backend.neighbor_allreduce(x, out, sw, src, src_w, dst, dst_w, name, rnd,
                                          state.topo_hash, nonblocking)
 
     def finish(result: torch.Tensor) -> Any:
+        if nonfinite:
+            raise DecommError(nonfinite)
         if inplace:
             if result.data_ptr() != t.data_ptr():
                 t.copy_(result)
@@ -290,9 +306,12 @@ def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking
     wide = t.dtype in (torch.float16, torch.bfloat16)
     x = t.float() if wide else (t if t.is_contiguous() else t.contiguous())
     out = x if (inplace or wide) else torch.empty(x.shape, dtype=x.dtype)
+    nonfinite = _nonfinite_report(x, "allreduce", name, state, -1)
     h = state.backend.allreduce(x, out, bool(average), name, nonblocking)
 
     def finish(result: torch.Tensor) -> Any:
+        if nonfinite:
+            raise DecommError(nonfinite)
         if inplace:
             if result.data_ptr() != t.data_ptr():
                 t.copy_(result)

@@ -66,6 +66,7 @@ class _State:
     topology: Topology
     topo_hash: int
     round: int = 0
+    check_finite: bool = False
     plans: dict[int, _RoundPlan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -104,6 +105,9 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
             or 300.
         check: compare each call's op, name, shape, dtype, topology round and call
             count across the ranks involved (default on; ``DECOMM_CHECK=0`` turns it off).
+            ``DECOMM_CHECK_FINITE=1`` also makes a rank whose *input* to
+            neighbor_allreduce/allreduce holds NaN or Inf raise after the call (the
+            values are still exchanged faithfully, so no neighbour is left waiting).
         comm: an mpi4py communicator to run on (default ``MPI.COMM_WORLD``).
         abort_on_error: when an exception escapes the program on one rank, abort the
             whole MPI job (as ``python -m mpi4py`` does) instead of leaving the other
@@ -137,6 +141,7 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     _state = _State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),
                     local_rank=local.Get_rank(), local_size=local.Get_size(),
                     topology=topo, topo_hash=_hash64(topo))
+    _state.check_finite = os.environ.get("DECOMM_CHECK_FINITE", "0") not in ("", "0")
     local.Free()
     atexit.register(shutdown)
     if abort_on_error and _state.size > 1:

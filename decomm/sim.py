@@ -47,7 +47,7 @@ second per step on one core.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -350,7 +350,3 @@ class Simulation:
         name = getattr(self.topology, "name", type(self.topology).__name__)
         return f"Simulation(n={self.n}, topology={name}, wrapper={cls}, round={self.round})"
 
-
-def per_node(values: Sequence[Any]) -> Callable[[int], Any]:
-    """Small helper: ``per_node(shards)(i)`` is ``shards[i]``."""
-    return values.__getitem__

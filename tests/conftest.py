@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decomm_test_report import pytest_runtest_logreport, write_report  # noqa: E402, F401
+from decomm_test_report import pytest_runtest_logreport, write_report  # noqa: F401
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

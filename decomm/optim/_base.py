@@ -143,6 +143,26 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     :meth:`_mix_buffers` and, when they carry state, :meth:`_state_tensors` /
     :meth:`_setup` / :meth:`_extra_state`.
 
+    Args (shared by all wrappers):
+        optimizer: the torch optimizer to wrap (its update ``u`` is what the
+            algorithm mixes); a ``TypeError`` names anything else.
+        communicate_every: ``p >= 1``; communicate on every ``p``-th step, the
+            steps between are local (``W = I``, no round advance).
+        global_every: ``q``; every ``q``-th communicating step averages exactly
+            over all ranks (one ``allreduce_``) instead of gossiping.
+        broadcast_parameters: copy rank 0's parameters to every rank at
+            construction (one ``broadcast_`` per dtype), so that all ranks start
+            from the same point.
+        check_parameters: verify with one small ``allgather`` that every rank
+            wraps parameters of the same shapes and dtypes (``DecommError``
+            naming the first differing parameter and rank otherwise).
+        communicator: the mixing back-end (default: the decomm MPI runtime,
+            ``decomm.init()`` required); :mod:`decomm.sim` passes its own.
+
+    Parameters are moved into one flat buffer per (device, dtype), see
+    :mod:`decomm.optim._flat`.  Only parameters held by the optimizer are mixed
+    (module buffers such as BatchNorm running statistics are not).
+
     This class subclasses :class:`torch.optim.Optimizer` only so that
     ``isinstance`` checks (LR schedulers, AMP's GradScaler) accept it; it does
     not call ``Optimizer.__init__``: ``param_groups``, ``state`` and

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from decomm_test_report import write_report  # noqa: E402
+from decomm_test_report import write_report
 
 TEST_TIMEOUT_S = 60.0
 

@@ -8,13 +8,13 @@ the terminal; scripts/run_tests.py prints rank 0's log and every failing rank's.
 import os
 import sys
 
-from mpi4py import MPI  # noqa: F401 - initialise MPI before pytest imports decomm
+from mpi4py import MPI
 
 rank = MPI.COMM_WORLD.Get_rank()
 logdir = sys.argv[1]
 args = sys.argv[3:] if len(sys.argv) > 2 and sys.argv[2] == "--" else sys.argv[2:]
 os.makedirs(logdir, exist_ok=True)
-log = open(os.path.join(logdir, f"rank{rank}.log"), "w", buffering=1)  # noqa: SIM115
+log = open(os.path.join(logdir, f"rank{rank}.log"), "w", buffering=1)
 os.dup2(log.fileno(), 1)
 os.dup2(log.fileno(), 2)
 sys.stdout = os.fdopen(1, "w", buffering=1)

@@ -146,7 +146,7 @@ def test_nonblocking_many_in_flight_and_overlap():
         busy = torch.randn(64, 64)
         for _ in range(5):
             busy = busy @ busy.T / 64  # compute while messages move
-    for t, h in handles:
+    for _, h in handles:
         y = h.wait()
         assert h.poll()
         assert_close(y, expected_mix(topo.matrix(0), r, (257,)), torch.float32)

@@ -33,3 +33,7 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info decomm/*.so
+
+.PHONY: docs
+docs: setup
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html

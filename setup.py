@@ -58,12 +58,115 @@ def mpi_flags(mpicc: str) -> dict[str, list[str]]:
     return {"include_dirs": inc, "library_dirs": libdirs, "libraries": libs}
 
 
+def find_nvcc() -> str | None:
+    """nvcc from CUDA_HOME / CUDA_PATH, torch's idea of CUDA_HOME, or PATH."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError:
+        CUDA_HOME = None
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def want_cuda_extension(env=None) -> bool:
+    """Whether to build decomm._C_cuda (fused CUDA kernels + NCCL backend).
+
+    DECOMM_WITH_CUDA=0 forces it off; DECOMM_WITH_CUDA=1 forces it on and stops the
+    build with the reason when it cannot be built; unset, it is built exactly when
+    the installed torch has CUDA (torch.version.cuda is not None) and nvcc is found.
+    """
+    env = os.environ if env is None else env
+    flag = env.get("DECOMM_WITH_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise SystemExit(f"decomm: DECOMM_WITH_CUDA must be 0 or 1, got {flag!r}")
+    if flag == "0":
+        return False
+    import torch
+
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"the installed torch {torch.__version__} has no CUDA support "
+                       "(torch.version.cuda is None); install a CUDA build of torch")
+    if find_nvcc() is None:
+        missing.append("nvcc was not found (set CUDA_HOME to the CUDA toolkit or put nvcc on "
+                       "PATH)")
+    if flag == "1" and missing:
+        raise SystemExit("decomm: DECOMM_WITH_CUDA=1, but the CUDA extension cannot be built: "
+                         + "; ".join(missing) + ". Unset DECOMM_WITH_CUDA to build the CPU "
+                         "backend only.")
+    return not missing
+
+
+def find_nccl() -> tuple[str, str, str] | None:
+    """(include dir, library dir, library file) of NCCL: the nvidia-nccl-cu* wheel that
+    CUDA torch depends on, then NCCL_HOME / NCCL_ROOT, CUDA_HOME and the system."""
+    roots = []
+    try:
+        import nvidia.nccl
+
+        roots += [Path(p) for p in nvidia.nccl.__path__]
+    except ImportError:
+        pass
+    for var in ("NCCL_HOME", "NCCL_ROOT", "CUDA_HOME"):
+        if os.environ.get(var):
+            roots.append(Path(os.environ[var]))
+    roots += [Path("/usr/local/cuda"), Path("/usr")]
+    for root in roots:
+        inc = root / "include"
+        if not (inc / "nccl.h").exists():
+            continue
+        for libdir in (root / "lib", root / "lib64", root / "lib" / "x86_64-linux-gnu",
+                       root / "lib" / "aarch64-linux-gnu"):
+            for name in ("libnccl.so", "libnccl.so.2"):
+                if (libdir / name).exists():
+                    return str(inc), str(libdir), name
+    return None
+
+
+def cuda_extension(flags: dict[str, list[str]]):
+    """decomm._C_cuda: the fused CUDA kernel, and the NCCL backend when NCCL is found."""
+    from torch.utils.cpp_extension import CUDAExtension
+
+    nccl = find_nccl()
+    sources = ["csrc/common.cpp", "csrc/cuda/weighted_sum.cu", "csrc/cuda/bindings_cuda.cpp"]
+    include_dirs = [str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda"), *flags["include_dirs"]]
+    library_dirs = list(flags["library_dirs"])
+    libraries = list(flags["libraries"])
+    if nccl is None:
+        print("decomm: NCCL not found (pip install nvidia-nccl-cu12, or set NCCL_HOME); "
+              "building the CUDA extension without the NCCL backend", file=sys.stderr)
+    else:
+        inc, libdir, libname = nccl
+        sources.append("csrc/cuda/nccl_backend.cpp")
+        include_dirs.append(inc)
+        library_dirs.append(libdir)
+        # the wheel ships only libnccl.so.2, which -lnccl would not find
+        libraries.append("nccl" if libname == "libnccl.so" else f":{libname}")
+    macros = [("DECOMM_HAVE_NCCL", "1" if nccl else "0")]
+    return CUDAExtension(
+        name="decomm._C_cuda",
+        sources=sources,
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        libraries=libraries,
+        define_macros=macros,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"],
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_link_args=[f"-Wl,-rpath,{d}" for d in library_dirs],
+    )
+
+
 def extensions() -> list:
     flags = mpi_flags(find_mpicc())
     sources = [f"csrc/{name}" for name in
                ("common.cpp", "weighted_sum.cpp", "mpi_backend.cpp", "bindings.cpp")]
     rpath = [f"-Wl,-rpath,{d}" for d in flags["library_dirs"]]
-    return [CppExtension(
+    exts = [CppExtension(
         name="decomm._C",
         sources=sources,
         include_dirs=[str(ROOT / "csrc"), *flags["include_dirs"]],
@@ -72,6 +175,9 @@ def extensions() -> list:
         extra_compile_args=["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"],
         extra_link_args=rpath,
     )]
+    if want_cuda_extension():
+        exts.append(cuda_extension(flags))
+    return exts
 
 
 setup(

@@ -37,10 +37,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return std::string(buf, len);
   });
   m.def("header_size", []() { return sizeof(decomm::Header); });
+  // Timeline support: CLOCK_MONOTONIC in ns (the clock of Python's time.monotonic_ns)
+  // and the [begin, posted, arrived, done] times of the last op this thread completed.
+  m.def("steady_ns", &decomm::steady_ns);
+  m.def("last_op_times", &decomm::last_op_times);
 
   py::class_<decomm::Handle, std::shared_ptr<decomm::Handle>>(m, "Handle")
       .def("poll", &decomm::Handle::poll, py::call_guard<py::gil_scoped_release>())
-      .def("wait", &decomm::Handle::wait, py::call_guard<py::gil_scoped_release>());
+      .def("wait", &decomm::Handle::wait, py::call_guard<py::gil_scoped_release>())
+      .def("times", &decomm::Handle::times);
 
   py::class_<MpiBackend, std::shared_ptr<MpiBackend>>(m, "MpiBackend")
       .def(py::init<int64_t, double, bool>(), py::arg("comm_f"), py::arg("timeout"),
@@ -51,6 +56,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("has_progress_thread", &MpiBackend::has_progress_thread)
       .def_property("timeout", &MpiBackend::timeout, &MpiBackend::set_timeout)
       .def("set_check", &MpiBackend::set_check)
+      .def_property("timeline", &MpiBackend::timeline, &MpiBackend::set_timeline)
       .def_property_readonly("bytes_sent", [](MpiBackend& b) { return b.bytes_sent.load(); })
       .def_property_readonly("bytes_received",
                              [](MpiBackend& b) { return b.bytes_received.load(); })

@@ -18,6 +18,10 @@ namespace {
 // (MPI's non-overtaking rule), and the sequence number in the header catches
 // ranks that skipped or added a call.
 constexpr int kTagNaData = 102;
+// Large payloads: tag derived from the sender's call number (see bulk_tag).
+constexpr int kTagBulkBase = 1000;
+int g_tag_span = 1 << 20;  // clamped at init to what MPI_TAG_UB allows
+int bulk_tag(int64_t seq) { return kTagBulkBase + static_cast<int>(seq % g_tag_span); }
 constexpr int kTagNgHeader = 103;
 constexpr int kTagNgData = 104;
 
@@ -95,9 +99,25 @@ static BufferPool& pool() {
   return *p;
 }
 
+// ------------------------------------------------------------------ timeline
+int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+static thread_local OpTimes tl_last_times{};
+
+OpTimes last_op_times() { return tl_last_times; }
+
+void Op::mark(int point) {
+  if (be_->timeline()) times_[point] = steady_ns();
+}
+
 // ------------------------------------------------------------------------ Op
 Op::Op(MpiBackend* be, int32_t kind, std::string name)
-    : be_(be), kind_(kind), name_(std::move(name)), deadline_(be->deadline()) {}
+    : be_(be), kind_(kind), name_(std::move(name)), deadline_(be->deadline()) {
+  mark(kTimeBegin);
+}
 
 void Op::fail(const std::string& msg) {
   if (!error_.empty()) return;
@@ -133,14 +153,23 @@ bool Op::advance() {
     abandon_requests();
     done = true;
   }
-  if (done) finished_.store(true);
+  if (done) {
+    mark(kTimeDone);
+    finished_.store(true);
+  }
   return done;
 }
 
 // -------------------------------------------------------- neighbor_allreduce
-// One message per neighbour carries the header and the payload together (an MPI
-// struct datatype over both addresses, so nothing is copied to stage it): a
-// second message per neighbour measured several times slower at small sizes.
+// Small payloads travel in one message with the header in front (an MPI struct
+// datatype over both addresses, nothing staged): a second message per
+// neighbour measured several times slower at small sizes. Large payloads go as
+// a header message plus a contiguous data message, which lets MPI use its
+// single-copy path (the struct type measured ~10x slower at 64 MB). The
+// receiver learns the sender's size from the header, so it can still consume
+// every message when two ranks disagree (and pick different protocols).
+constexpr int64_t kSmallMessage = 64 << 10;
+
 static MPI_Datatype header_plus_payload(const void* hdr, const void* data, int count) {
   int lens[2] = {static_cast<int>(sizeof(Header)), count};
   MPI_Aint disp[2];
@@ -151,6 +180,11 @@ static MPI_Datatype header_plus_payload(const void* hdr, const void* data, int c
   check_mpi(MPI_Type_create_struct(2, lens, disp, types, &t), "MPI_Type_create_struct");
   check_mpi(MPI_Type_commit(&t), "MPI_Type_commit");
   return t;
+}
+
+static int64_t payload_bytes(const Header& h) {
+  if (h.dtype < 0 || h.numel < 0) return 0;
+  return h.numel * static_cast<int64_t>(c10::elementSize(static_cast<c10::ScalarType>(h.dtype)));
 }
 
 class NeighborAllreduceOp : public Op {
@@ -170,56 +204,96 @@ class NeighborAllreduceOp : public Op {
     const auto dtype = x_.scalar_type();
     const int64_t n = x_.numel();
     nbytes_ = n * static_cast<int64_t>(x_.element_size());
-    const int count = checked_count(nbytes_, "neighbor_allreduce '" + name_ + "'");
+    count_ = checked_count(nbytes_, "neighbor_allreduce '" + name_ + "'");
+    small_ = nbytes_ <= kSmallMessage;
     const size_t S = src_.ranks.size(), D = dst_.ranks.size();
-    in_hdr_.resize(S);
+    in_.resize(S);
     recv_.resize(S);
-    reqs_.assign(S + D, MPI_REQUEST_NULL);
+    send_hdr_.assign(D, MPI_REQUEST_NULL);
+    send_data_.assign(D, MPI_REQUEST_NULL);
     MPI_Comm comm = be_->comm();
     for (size_t s = 0; s < S; ++s) {
-      in_hdr_[s].magic = 0;  // so a header that never arrived cannot pass for one
+      const int peer = static_cast<int>(src_.ranks[s]);
+      in_[s].hdr.magic = 0;  // so a header that never arrived cannot pass for one
       recv_[s] = borrow(nbytes_);
-      MPI_Datatype t = header_plus_payload(&in_hdr_[s], recv_[s].data_ptr(), count);
-      int rc = MPI_Irecv(MPI_BOTTOM, 1, t, static_cast<int>(src_.ranks[s]), kTagNaData, comm,
-                         &reqs_[s]);
-      MPI_Type_free(&t);
-      check_mpi(rc, "MPI_Irecv");
+      if (small_) {
+        MPI_Datatype t = header_plus_payload(&in_[s].hdr, recv_[s].data_ptr(), count_);
+        int rc = MPI_Irecv(MPI_BOTTOM, 1, t, peer, kTagNaData, comm, &in_[s].head);
+        MPI_Type_free(&t);
+        check_mpi(rc, "MPI_Irecv");
+      } else {
+        // The payload's receive is posted when the header arrives (tagged with
+        // the sender's call number, so it cannot match another call's payload).
+        check_mpi(MPI_Irecv(&in_[s].hdr, sizeof(Header), MPI_BYTE, peer, kTagNaData, comm,
+                            &in_[s].head), "MPI_Irecv");
+      }
     }
     for (size_t d = 0; d < D; ++d) {
+      const int peer = static_cast<int>(dst_.ranks[d]);
       const void* payload = x_.data_ptr();
       if (dst_.weights[d] != 1.0 && n > 0) {
         at::Tensor scaled = borrow(nbytes_);
         scaled_copy(scaled.data_ptr(), x_.data_ptr(), dst_.weights[d], n, dtype);
         payload = scaled.data_ptr();
       }
-      MPI_Datatype t = header_plus_payload(&mine_, payload, count);
-      int rc = MPI_Isend(MPI_BOTTOM, 1, t, static_cast<int>(dst_.ranks[d]), kTagNaData, comm,
-                         &reqs_[S + d]);
-      MPI_Type_free(&t);
-      check_mpi(rc, "MPI_Isend");
+      if (small_) {
+        MPI_Datatype t = header_plus_payload(&mine_, payload, count_);
+        int rc = MPI_Isend(MPI_BOTTOM, 1, t, peer, kTagNaData, comm, &send_hdr_[d]);
+        MPI_Type_free(&t);
+        check_mpi(rc, "MPI_Isend");
+      } else {
+        check_mpi(MPI_Isend(&mine_, sizeof(Header), MPI_BYTE, peer, kTagNaData, comm,
+                            &send_hdr_[d]), "MPI_Isend");
+        check_mpi(MPI_Isend(payload, count_, MPI_BYTE, peer, bulk_tag(mine_.seq), comm,
+                            &send_data_[d]), "MPI_Isend");
+      }
       be_->bytes_sent += nbytes_ + static_cast<int64_t>(sizeof(Header));
     }
-    remaining_ = reqs_.size();
-    statuses_.resize(reqs_.size());
-    indices_.resize(reqs_.size());
+    mark(kTimePosted);
   }
 
  protected:
   bool step() override {
-    if (remaining_ > 0) {
-      int outcount = 0;
-      int rc = MPI_Testsome(static_cast<int>(reqs_.size()), reqs_.data(), &outcount,
-                            indices_.data(), statuses_.data());
-      if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) check_mpi(rc, "MPI_Testsome");
-      if (outcount == MPI_UNDEFINED) outcount = 0;
-      const size_t S = src_.ranks.size();
-      for (int k = 0; k < outcount; ++k) {
-        const size_t i = static_cast<size_t>(indices_[k]);
-        --remaining_;
-        if (i < S) check_arrival(i, statuses_[k], rc == MPI_ERR_IN_STATUS);
+    bool all_done = true;
+    for (size_t s = 0; s < in_.size(); ++s) {
+      Incoming& in = in_[s];
+      if (in.head != MPI_REQUEST_NULL) {
+        int flag = 0;
+        MPI_Status st;
+        int rc = MPI_Test(&in.head, &flag, &st);
+        if (flag || in.head == MPI_REQUEST_NULL) {
+          on_header(s, st, rc != MPI_SUCCESS);
+        } else {
+          if (rc != MPI_SUCCESS) check_mpi(rc, "MPI_Test");
+          all_done = false;
+        }
       }
-      if (remaining_ > 0) return false;
+      if (in.bulk != MPI_REQUEST_NULL) {
+        int flag = 0;
+        MPI_Status st;
+        int rc = MPI_Test(&in.bulk, &flag, &st);
+        if (flag || in.bulk == MPI_REQUEST_NULL) {
+          int got = 0;
+          MPI_Get_count(&st, MPI_BYTE, &got);
+          if ((rc != MPI_SUCCESS || got != count_) && !in.mismatch)
+            fail("in-neighbour " + std::to_string(src_.ranks[s]) + " sent " +
+                 (rc != MPI_SUCCESS ? std::string("more than ") : std::to_string(got) + " of ") +
+                 "the " + std::to_string(nbytes_) + " payload bytes this rank expected");
+          else if (!in.mismatch)
+            be_->bytes_received += got;
+        } else {
+          all_done = false;
+        }
+      }
     }
+    for (auto* v : {&send_hdr_, &send_data_}) {
+      int flag = 0;
+      check_mpi(MPI_Testall(static_cast<int>(v->size()), v->data(), &flag, MPI_STATUSES_IGNORE),
+                "MPI_Testall");
+      all_done &= flag != 0;
+    }
+    if (!all_done) return false;
+    mark(kTimeArrived);
     if (!error_.empty()) return true;
     // Everything has arrived and every send is done, so the output may alias
     // the input: one fused pass, in a fixed order.
@@ -236,11 +310,12 @@ class NeighborAllreduceOp : public Op {
 
   std::string pending() const override {
     std::vector<int64_t> in_missing, out_missing;
-    const size_t S = src_.ranks.size(), D = dst_.ranks.size();
-    for (size_t s = 0; s < S; ++s)
-      if (reqs_[s] != MPI_REQUEST_NULL) in_missing.push_back(src_.ranks[s]);
-    for (size_t d = 0; d < D; ++d)
-      if (reqs_[S + d] != MPI_REQUEST_NULL) out_missing.push_back(dst_.ranks[d]);
+    for (size_t s = 0; s < in_.size(); ++s)
+      if (in_[s].head != MPI_REQUEST_NULL || in_[s].bulk != MPI_REQUEST_NULL)
+        in_missing.push_back(src_.ranks[s]);
+    for (size_t d = 0; d < send_hdr_.size(); ++d)
+      if (send_hdr_[d] != MPI_REQUEST_NULL || send_data_[d] != MPI_REQUEST_NULL)
+        out_missing.push_back(dst_.ranks[d]);
     std::ostringstream os;
     if (!in_missing.empty()) os << "in-neighbour(s) " << join_ranks(in_missing) << " to send";
     if (!out_missing.empty())
@@ -249,30 +324,66 @@ class NeighborAllreduceOp : public Op {
     return os.str();
   }
 
+  void abandon_requests() override {
+    auto drop = [](MPI_Request& r) {
+      if (r == MPI_REQUEST_NULL) return;
+      MPI_Cancel(&r);
+      MPI_Request_free(&r);
+    };
+    for (auto& in : in_) {
+      drop(in.head);
+      drop(in.bulk);
+    }
+    for (auto* v : {&send_hdr_, &send_data_})
+      for (auto& r : *v) drop(r);
+  }
+
  private:
+  struct Incoming {
+    Header hdr;
+    MPI_Request head = MPI_REQUEST_NULL;  // the header (with the payload when small)
+    MPI_Request bulk = MPI_REQUEST_NULL;  // the payload of a large message
+    bool mismatch = false;
+    at::Tensor drain;
+  };
+
   bool be_check() const;
 
-  void check_arrival(size_t s, MPI_Status& st, bool status_valid) {
+  void on_header(size_t s, MPI_Status& st, bool truncated) {
+    Incoming& in = in_[s];
     const std::string who = "in-neighbour " + std::to_string(src_.ranks[s]);
-    const bool truncated = status_valid && st.MPI_ERROR != MPI_SUCCESS;
     int got = 0;
     MPI_Get_count(&st, MPI_BYTE, &got);
-    const int64_t expect = nbytes_ + static_cast<int64_t>(sizeof(Header));
+    const int64_t expect = static_cast<int64_t>(sizeof(Header)) + (small_ ? nbytes_ : 0);
     // The header leads the message, so it arrives whole even when the payload
     // is cut short by a larger message (MPI fills the buffer up to its size).
-    std::string diff;
-    const bool have_header = truncated ? in_hdr_[s].magic == kHeaderMagic
+    const bool have_header = truncated ? in.hdr.magic == kHeaderMagic
                                        : got >= static_cast<int>(sizeof(Header));
+    std::string diff;
     if (have_header && (be_check() || truncated || got != expect))
-      diff = header_diff(mine_, in_hdr_[s], false, false);
-    if (!diff.empty()) {
-      fail(who + " called differently: " + diff + " (that rank's value vs this rank's)");
-    } else if (truncated || got != expect) {
-      fail(who + " sent " + (truncated ? "a larger message than" : std::to_string(got) +
-           " bytes instead of") + " the " + std::to_string(expect) +
-           " bytes this rank expected (shape or dtype differ)");
-    } else {
-      be_->bytes_received += got;
+      diff = header_diff(mine_, in.hdr, false, false);
+    if (diff.empty() && (truncated || got != expect))
+      diff = "message size (shape or dtype differ)";
+    const int64_t theirs = have_header ? payload_bytes(in.hdr) : 0;
+    const bool their_bulk = have_header && theirs > kSmallMessage && theirs <= INT_MAX;
+    if (diff.empty()) {
+      if (small_) {
+        be_->bytes_received += got;
+      } else {
+        check_mpi(MPI_Irecv(recv_[s].data_ptr(), count_, MPI_BYTE,
+                            static_cast<int>(src_.ranks[s]), bulk_tag(in.hdr.seq), be_->comm(),
+                            &in.bulk), "MPI_Irecv");
+      }
+      return;
+    }
+    fail(who + " called differently: " + diff + " (that rank's value vs this rank's)");
+    in.mismatch = true;
+    if (their_bulk) {
+      // Consume the neighbour's payload message, so nothing is left in flight.
+      in.drain = at::empty({theirs}, at::kByte);
+      check_mpi(MPI_Irecv(in.drain.data_ptr(), static_cast<int>(theirs), MPI_BYTE,
+                          static_cast<int>(src_.ranks[s]), bulk_tag(in.hdr.seq), be_->comm(),
+                          &in.bulk), "MPI_Irecv");
     }
   }
 
@@ -287,13 +398,13 @@ class NeighborAllreduceOp : public Op {
   double self_w_;
   Peers src_, dst_;
   Header mine_;
-  std::vector<Header> in_hdr_;
+  std::vector<Incoming> in_;
   std::vector<at::Tensor> recv_;
+  std::vector<MPI_Request> send_hdr_, send_data_;
   std::vector<std::pair<at::Tensor, int64_t>> pooled_;
-  std::vector<MPI_Status> statuses_;
-  std::vector<int> indices_;
   int64_t nbytes_ = 0;
-  size_t remaining_ = 0;
+  int count_ = 0;
+  bool small_ = true;
 };
 
 // -------------------------------------------------------- neighbor_allgather
@@ -328,6 +439,7 @@ class NeighborAllgatherOp : public Op {
                           &send_reqs_[2 * d + 1]), "MPI_Isend");
       be_->bytes_sent += nbytes + static_cast<int64_t>(sizeof(Header));
     }
+    mark(kTimePosted);
   }
 
  protected:
@@ -370,6 +482,7 @@ class NeighborAllgatherOp : public Op {
                           MPI_STATUSES_IGNORE), "MPI_Testall");
     all_done &= flag != 0;
     if (!all_done) return false;
+    mark(kTimeArrived);
     if (!error_.empty()) return true;
     if (parts_.empty()) {
       std::vector<int64_t> shape(x_.sizes().begin(), x_.sizes().end());
@@ -441,6 +554,7 @@ class CollectiveOp : public Op {
     int flag = 0;
     check_mpi(MPI_Test(&reqs_[0], &flag, MPI_STATUS_IGNORE), op_kind_name(kind_));
     if (!flag) return false;
+    mark(kTimeArrived);
     if (average_ && out_.numel() > 0) out_.div_(be_->size());
     result = out_;
     return true;
@@ -485,6 +599,11 @@ MpiBackend::MpiBackend(int64_t comm_f, double timeout_s, bool check)
   check_mpi(MPI_Comm_dup(parent, &comm_), "MPI_Comm_dup");
   MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
   MPI_Comm_rank(comm_, &rank_);
+  int* tag_ub = nullptr;
+  int has_ub = 0;
+  MPI_Comm_get_attr(comm_, MPI_TAG_UB, &tag_ub, &has_ub);
+  if (has_ub && tag_ub && *tag_ub - kTagBulkBase < g_tag_span)
+    g_tag_span = std::max(1, *tag_ub - kTagBulkBase);
   MPI_Comm_size(comm_, &size_);
   int level = MPI_THREAD_SINGLE;
   MPI_Query_thread(&level);
@@ -517,6 +636,7 @@ std::chrono::steady_clock::time_point MpiBackend::deadline() const {
 
 void MpiBackend::run(Op& op) {
   while (!op.advance()) sched_yield();
+  if (timeline()) tl_last_times = op.times();
 }
 
 void MpiBackend::enqueue(std::shared_ptr<Op> op) {
@@ -637,6 +757,7 @@ at::Tensor MpiBackend::neighbor_allgather(const at::Tensor& x, const std::vector
 std::shared_ptr<Handle> MpiBackend::allreduce(const at::Tensor& x, const at::Tensor& out,
                                               bool average, const std::string& name,
                                               bool async) {
+  const int64_t t0 = timeline() ? steady_ns() : 0;
   Header hdr = make_header(kAllreduce, coll_seq_++, x, name, -1, 0);
   hdr.flags = average ? 1 : 0;
   if (check_) check_collective(hdr, false, false);
@@ -646,6 +767,8 @@ std::shared_ptr<Handle> MpiBackend::allreduce(const at::Tensor& x, const at::Ten
   const void* sendbuf = out.data_ptr() == x.data_ptr() ? MPI_IN_PLACE : x.data_ptr();
   check_mpi(MPI_Iallreduce(sendbuf, out.data_ptr(), count, mpi_datatype(x.scalar_type()), MPI_SUM,
                            comm_, op->request()), "MPI_Iallreduce");
+  if (t0) op->times_[kTimeBegin] = t0;
+  op->mark(kTimePosted);
   bytes_sent += x.numel() * static_cast<int64_t>(x.element_size());
   if (async && has_progress_thread()) {
     enqueue(op);
@@ -660,6 +783,7 @@ std::shared_ptr<Handle> MpiBackend::allreduce(const at::Tensor& x, const at::Ten
 }
 
 void MpiBackend::broadcast(const at::Tensor& inout, int root, const std::string& name) {
+  const int64_t t0 = timeline() ? steady_ns() : 0;
   Header hdr = make_header(kBroadcast, coll_seq_++, inout, name, -1, 0);
   hdr.root = root;
   if (check_) check_collective(hdr, false, true);
@@ -667,12 +791,15 @@ void MpiBackend::broadcast(const at::Tensor& inout, int root, const std::string&
   CollectiveOp op(this, kBroadcast, name, inout, false);
   check_mpi(MPI_Ibcast(inout.data_ptr(), checked_count(nbytes, "broadcast '" + name + "'"),
                        MPI_BYTE, root, comm_, op.request()), "MPI_Ibcast");
+  if (t0) op.times_[kTimeBegin] = t0;
+  op.mark(kTimePosted);
   if (rank_ == root) bytes_sent += nbytes;
   run(op);
   if (!op.error().empty()) throw DecommError(op.error());
 }
 
 at::Tensor MpiBackend::allgather(const at::Tensor& x, const std::string& name) {
+  const int64_t t0 = timeline() ? steady_ns() : 0;
   Header hdr = make_header(kAllgather, coll_seq_++, x, name, -1, 0);
   const bool saved = check_;
   check_ = true;  // the gathered headers also carry every rank's first dimension
@@ -706,6 +833,8 @@ at::Tensor MpiBackend::allgather(const at::Tensor& x, const std::string& name) {
                            displs.data(), row, comm_, op.request());
   MPI_Type_free(&row);
   check_mpi(rc, "MPI_Iallgatherv");
+  if (t0) op.times_[kTimeBegin] = t0;
+  op.mark(kTimePosted);
   bytes_sent += x.numel() * static_cast<int64_t>(x.element_size());
   run(op);
   if (!op.error().empty()) throw DecommError(op.error());
@@ -715,6 +844,7 @@ at::Tensor MpiBackend::allgather(const at::Tensor& x, const std::string& name) {
 void MpiBackend::barrier() {
   CollectiveOp op(this, kBarrier, "barrier", at::Tensor(), false);
   check_mpi(MPI_Ibarrier(comm_, op.request()), "MPI_Ibarrier");
+  op.mark(kTimePosted);
   run(op);
   if (!op.error().empty()) throw DecommError(op.error());
 }

@@ -5,6 +5,7 @@
 
 #include "common.h"
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -17,6 +18,16 @@ namespace decomm {
 
 class MpiBackend;
 
+// Timeline timestamps of one op (steady_clock = CLOCK_MONOTONIC, in ns; 0 = not
+// recorded). Taken only while MpiBackend::timeline() is on, so the off path costs
+// one relaxed atomic load per point.
+enum OpTime : int { kTimeBegin = 0, kTimePosted = 1, kTimeArrived = 2, kTimeDone = 3 };
+using OpTimes = std::array<int64_t, 4>;
+int64_t steady_ns();
+// The timestamps of the last op this thread ran to completion inside run() (a
+// blocking call), for the timeline of ops that return no handle.
+OpTimes last_op_times();
+
 // One in-flight operation. `advance()` is called repeatedly (by the caller's
 // thread for blocking ops, by the progress thread for handles) until it
 // returns true; then `error` is empty on success.
@@ -27,6 +38,8 @@ class Op {
   bool finished() const { return finished_.load(); }
   const std::string& error() const { return error_; }
   at::Tensor result;
+  const OpTimes& times() const { return times_; }
+  void mark(int point);  // records times_[point] when the timeline is on
 
  protected:
   Op(MpiBackend* be, int32_t kind, std::string name);
@@ -43,6 +56,7 @@ class Op {
   std::string error_;
   std::atomic<bool> finished_{false};
   std::vector<at::Tensor> keep_alive_;  // buffers MPI may still touch
+  OpTimes times_{};
 
   friend class MpiBackend;
 };
@@ -53,6 +67,7 @@ class Handle {
   explicit Handle(std::shared_ptr<Op> op, MpiBackend* be) : op_(std::move(op)), be_(be) {}
   bool poll();
   at::Tensor wait();  // raises DecommError on failure
+  OpTimes times() const { return op_->times(); }
  private:
   std::shared_ptr<Op> op_;
   MpiBackend* be_;
@@ -75,6 +90,8 @@ class MpiBackend {
   void set_timeout(double s) { timeout_s_ = s; }
   double timeout() const { return timeout_s_; }
   void set_check(bool c) { check_ = c; }
+  bool timeline() const { return timeline_.load(std::memory_order_relaxed); }
+  void set_timeline(bool on) { timeline_.store(on, std::memory_order_relaxed); }
 
   // out = self_weight * x + sum_j src.weights[j] * x_j over src.ranks, while x
   // (scaled by dst.weights) is sent to every rank in dst.ranks.
@@ -110,6 +127,7 @@ class MpiBackend {
   int rank_ = 0, size_ = 1;
   double timeout_s_;
   bool check_;
+  std::atomic<bool> timeline_{false};
   int64_t p2p_seq_ = 0, coll_seq_ = 0;
 
   std::thread progress_;

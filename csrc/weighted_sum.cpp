@@ -1,7 +1,6 @@
 #include "weighted_sum.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -12,16 +11,12 @@ namespace decomm {
 
 namespace {
 
-// Chunks large enough that threading pays off; below it, a plain loop.
-constexpr int64_t kGrain = 1 << 16;
-
+// Single-threaded on purpose: the sum is memory-bound (one core nearly
+// saturates bandwidth), ranks usually share a node's cores, and spinning up a
+// thread pool per call measured several times slower at 1 MB.
 template <typename F>
 void parallel_chunks(int64_t n, F&& body) {
-  if (n <= kGrain) {
-    body(0, n);
-  } else {
-    at::parallel_for(0, n, kGrain, body);
-  }
+  body(0, n);
 }
 
 // Elements per block: the float accumulator block (8 KB) stays in L1.

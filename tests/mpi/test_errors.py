@@ -144,3 +144,17 @@ def test_bad_weights_and_ranks():
         decomm.set_timeout(0)
     with pytest.raises(ValueError, match="backend"):
         decomm.init(backend="gloo")
+
+
+@pytest.mark.parametrize("big_rank", [0, 1])
+def test_large_and_small_message_mismatch_is_reported_and_drained(big_rank):
+    """One rank sends a large (two-message) payload, the others a small one."""
+    need(2)
+    r, n = decomm.rank(), decomm.size()
+    decomm.set_topology(T.FullyConnectedGraph(n))
+    numel = 100_000 if r == big_rank else 10
+    with pytest.raises(decomm.DecommError, match="shape"):
+        decomm.neighbor_allreduce(torch.zeros(numel), name="proto")
+    # every message was consumed: the next call works everywhere
+    y = decomm.neighbor_allreduce(torch.full((100_000,), float(r)), name="after")
+    assert torch.allclose(y, torch.full_like(y, (n - 1) / 2))

@@ -1,0 +1,153 @@
+"""Asynchronous gossip SGD over one-sided windows (no rank ever waits for another)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import DecentralizedOptimizer, Mix
+from .comm import Handle, MPICommunicator, decomm_error
+
+__all__ = ["AsyncGossip"]
+
+_counter = itertools.count()  # window names: every rank creates wrappers in the same order
+
+
+class _WinCommunicator:
+    """Mixes through RMA windows: put to out-neighbours, mix what has arrived.
+
+    The round counter is this rank's own (ranks run at different speeds); collectives
+    (allgather/broadcast, used only at construction) go to the MPI runtime.
+    """
+
+    supports_nonblocking = False
+
+    def __init__(self, inner: MPICommunicator) -> None:
+        self._inner = inner
+        self._round = 0
+        self._names: dict[int, str] = {}  # id(buffer) -> window name
+
+    def rank(self) -> int:
+        return self._inner.rank()
+
+    def size(self) -> int:
+        return self._inner.size()
+
+    def topology(self) -> Any:
+        return self._inner.topology()
+
+    def current_round(self) -> int:
+        return self._round
+
+    def advance_round(self) -> None:
+        self._round += 1
+
+    def set_round(self, round_: int) -> None:
+        self._round = int(round_)
+
+    def create(self, buf: Tensor, name: str) -> None:
+        from decomm import win
+
+        win.win_create(buf, name)
+        self._names[id(buf)] = name
+
+    def free(self) -> None:
+        from decomm import win
+
+        for name in self._names.values():
+            if name in win.win_names():
+                win.win_free(name)
+        self._names = {}
+
+    def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
+        from decomm import win
+
+        wname = self._names[id(tensor)]
+        w = win._windows[wname]
+        topo, r, t = w.topology, self.rank(), self._round
+        sw, nb = topo.weights(r, t)
+        win.win_put(tensor, wname, dst_weights={j: 1.0 for j in topo.out_neighbors(r, t)})
+        return win.win_update(wname, self_weight=sw, neighbor_weights=nb)
+
+    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
+        raise NotImplementedError("AsyncGossip never blocks; there is nothing to overlap")
+
+    def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
+        raise decomm_error()("AsyncGossip: a global average would synchronise the ranks")
+
+    def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor:
+        return self._inner.broadcast_(tensor, root, name=name)
+
+    def allgather(self, tensor: Tensor, name: str | None = None) -> Tensor:
+        return self._inner.allgather(tensor, name=name)
+
+
+class AsyncGossip(DecentralizedOptimizer):
+    r"""Asynchronous decentralized SGD: one-sided puts, mix whatever has arrived.
+
+    Each rank runs at its own pace; a step never waits for a neighbour. With
+    ``W(t)`` the topology in force at construction (round ``t`` = this rank's own
+    count of communicating steps) and ``\hat x_j`` the latest parameters that
+    in-neighbour ``j`` has written into this rank's window (possibly several steps
+    old - that staleness is the price of never waiting)::
+
+        x_i ← x_i − u_i                                  (inner optimizer step)
+        put x_i into every out-neighbour's window        (one-sided, MPI RMA)
+        x_i ← W[i, i] x_i + Σ_j W[i, j] \hat x_j          (local, from the window)
+
+    This is BlueFog's ``DistributedWinPutOptimizer`` algorithm (asynchronous
+    adapt-then-combine; cf. Lian et al., "Asynchronous Decentralized Parallel SGD",
+    ICML 2018). With equal speeds and no staleness it is DSGD; with uneven speeds
+    faster ranks take more gradient steps, which biases the consensus towards
+    their data - use it where waiting for stragglers costs more than that.
+
+    Construction and :meth:`close` are collective (they create / free one MPI
+    window per dtype bucket); :meth:`step` is not. ``global_every`` is not
+    supported (a global average would synchronise the ranks). Call :meth:`close`
+    on every rank when done (windows are otherwise freed at exit).
+    """
+
+    _stateful = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        communicate_every: int = 1,
+        broadcast_parameters: bool = True,
+        check_parameters: bool = True,
+    ) -> None:
+        self._win_comm = _WinCommunicator(MPICommunicator())
+        self._win_id = next(_counter)
+        super().__init__(
+            optimizer,
+            communicate_every=communicate_every,
+            global_every=None,
+            broadcast_parameters=broadcast_parameters,
+            check_parameters=check_parameters,
+            communicator=self._win_comm,
+        )
+
+    def _setup(self) -> None:
+        self._win_comm.free()
+        for k, b in enumerate(self._buckets):
+            self._win_comm.create(b.buffer, f"decomm.optim.AsyncGossip.{self._win_id}.{k}")
+
+    def _local_phase(self, mix: Mix) -> None:
+        self._inner_step()
+
+    def _finish_phase(self, mix: Mix) -> None:
+        pass
+
+    def close(self) -> None:
+        """Free the windows (collective: every rank must call it)."""
+        super().close()
+        self._win_comm.free()
+
+    @property
+    def window_names(self) -> list[str]:
+        """The RMA windows this optimizer mixes through (one per dtype bucket)."""
+        return list(self._win_comm._names.values())

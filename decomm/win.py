@@ -1,0 +1,462 @@
+"""One-sided neighbour ops over MPI RMA windows (BlueFog's ``win_*`` API).
+
+A *window* is created collectively for one tensor. On every rank it holds
+
+* slot 0: this rank's own value (what in-neighbours read with :func:`win_get`);
+* one slot per in-neighbour ``j``: the latest value ``j`` wrote there
+  (:func:`win_put` / :func:`win_accumulate`) or this rank fetched from ``j``
+  (:func:`win_get`).
+
+Writes and reads are *passive-target* one-sided operations: the target does not
+call anything, so ranks progress at their own pace (asynchronous gossip).
+:func:`win_update` then mixes locally: ``x <- self_weight * x + sum_j w_j * slot_j``.
+
+Neighbours are fixed at :func:`win_create`: the in-/out-neighbours of the topology
+in force then, over all its rounds (every other rank for a random family), and the
+default weights come from that topology's round ``current_round()``. Default
+weights and neighbour sets of later calls are taken from that same topology, so a
+later ``set_topology`` does not invalidate a window.
+
+Implementation and why (measured on this repo's Open MPI 5.0.11 wheel, see
+``docs``/the report of issue 10): windows are allocated by MPI
+(``MPI_Win_allocate``), which lets Open MPI pick ``osc/sm`` (shared memory, direct
+load/store) on one host and ``osc/rdma`` across hosts; a put to a target that is
+busy computing completes in microseconds with both. Windows over user memory
+(``MPI_Win_create``) needed the target to enter MPI first (2 s stalls in the
+probe), so they are not used. Every access is one lock epoch:
+``MPI_Win_lock(SHARED)`` for remote writes/reads (they touch disjoint slots) and
+``MPI_Win_lock(EXCLUSIVE)`` on this rank's own window for local reads and writes,
+so a local :func:`win_update` never sees a half-written slot. No rank ever holds
+two locks at once (no lock-order deadlock).
+
+Accumulate (``MPI_SUM``) supports float32 and float64 (MPI has no float16 sum);
+put/get move bytes and take every float dtype.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import threading
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import runtime, timeline
+from .errors import DecommError
+
+__all__ = [
+    "win_accumulate",
+    "win_create",
+    "win_free",
+    "win_get",
+    "win_in_neighbors",
+    "win_names",
+    "win_out_neighbors",
+    "win_put",
+    "win_update",
+    "win_update_then_collect",
+]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class _Window:
+    name: str
+    tensor: torch.Tensor  # the registered tensor (contiguous); win_update writes it
+    shape: tuple
+    dtype: torch.dtype
+    numel: int
+    nbytes: int
+    win: Any  # mpi4py.MPI.Win
+    mem: torch.Tensor  # (1 + S, numel) view of the window memory
+    slot_of: dict[int, int]  # in-neighbour rank -> slot index on this rank
+    remote_slot: dict[int, int]  # out-neighbour rank -> my slot index on that rank
+    topology: Any  # the topology the window was built for
+    rank: int
+    owner: Any  # runtime._State at creation
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    accum_dtype: Any = None  # MPI datatype for MPI_SUM (float32/64) or None
+
+
+_windows: dict[str, _Window] = {}
+_atexit_registered = False
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A writable uint8 numpy view of a contiguous tensor's memory (any dtype)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _neighbor_sets(topo: Any, r: int, n: int) -> tuple[list[int], list[int]]:
+    """(in-neighbours, out-neighbours) of r over every round of ``topo``."""
+    if topo.rounds is None or topo.rounds > 4 * n:
+        others = [j for j in range(n) if j != r]
+        return others, others
+    ins: set[int] = set()
+    outs: set[int] = set()
+    for t in range(topo.rounds):
+        ins.update(topo.in_neighbors(r, t))
+        outs.update(topo.out_neighbors(r, t))
+    return sorted(ins), sorted(outs)
+
+
+def _get(name: Any, op: str) -> _Window:
+    if not isinstance(name, str):
+        raise TypeError(f"{op}: name must be a str, got {type(name).__name__}")
+    w = _windows.get(name)
+    if w is None:
+        known = sorted(_windows) or "none"
+        raise DecommError(f"{op} on rank {runtime.rank()}: no window named {name!r} "
+                          f"(windows: {known}); create it with decomm.win_create first")
+    return w
+
+
+def _check_tensor(t: Any, w: _Window, op: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op} '{w.name}': expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise DecommError(f"{op} '{w.name}' on rank {w.rank}: windows hold CPU tensors, got one "
+                          f"on {t.device}")
+    if t.dtype != w.dtype or tuple(t.shape) != w.shape:
+        raise DecommError(f"{op} '{w.name}' on rank {w.rank}: tensor is {tuple(t.shape)} "
+                          f"{t.dtype}, but the window holds {w.shape} {w.dtype}")
+    return t.detach().contiguous()
+
+
+def _weight(v: Any, what: str, op: str, w: _Window) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{op} '{w.name}' on rank {w.rank}: {what} must be a number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{op} '{w.name}' on rank {w.rank}: {what} = {v} is not finite")
+    return v
+
+
+def _ranks_map(obj: Any, what: str, op: str, w: _Window, allowed: Mapping[int, int] | list,
+               direction: str) -> dict[int, float]:
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{op} '{w.name}': {what} must be a dict {{rank: weight}}, got "
+                        f"{type(obj).__name__}")
+    out: dict[int, float] = {}
+    for r, v in obj.items():
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+            raise TypeError(f"{op} '{w.name}' on rank {w.rank}: {what} key {r!r} is not a rank")
+        r = int(r)
+        if r not in allowed:
+            raise ValueError(
+                f"{op} '{w.name}' on rank {w.rank}: {what} names rank {r}, which is not an "
+                f"{direction}-neighbour of this rank in the window's topology "
+                f"({w.topology.name}; {direction}-neighbours: {sorted(allowed)})")
+        out[r] = _weight(v, f"{what}[{r}]", op, w)
+    return out
+
+
+# -------------------------------------------------------------- create / free
+@timeline.traced("win_create")
+def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool:
+    """Create window ``name`` for ``tensor`` on every rank (collective); returns True.
+
+    ``tensor`` (float16/bfloat16/float32/float64, the same shape and dtype on every
+    rank) is registered: :func:`win_update` writes the mixed value into it. Each
+    in-neighbour slot starts as that neighbour's ``tensor`` (one exchange at
+    creation), or zeros with ``zero_init=True``. Ranks must agree on the name, shape
+    and dtype (checked: a :class:`DecommError` names the ranks that differ).
+    """
+    global _atexit_registered
+    st = runtime._require()
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"win_create: name must be a non-empty str, got {name!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"win_create '{name}': expected a torch.Tensor, got "
+                        f"{type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise DecommError(f"win_create '{name}' on rank {st.rank}: windows hold CPU tensors")
+    if tensor.dtype not in _FLOATS:
+        raise TypeError(f"win_create '{name}' on rank {st.rank}: dtype {tensor.dtype} is not "
+                        "supported; use float16, bfloat16, float32 or float64")
+    if not tensor.is_contiguous():
+        raise ValueError(f"win_create '{name}' on rank {st.rank}: the registered tensor must be "
+                         "contiguous (win_update writes into it in place)")
+    exists = name in _windows
+    sig = zlib.crc32(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
+    table = st.backend.allgather(torch.tensor([[sig, int(exists)]], dtype=torch.int64),
+                                 "decomm.win_create")
+    differ = [r for r in range(st.size) if int(table[r, 0]) != int(table[0, 0])]
+    if differ:
+        raise DecommError(f"win_create '{name}' on rank {st.rank}: ranks {differ} create a "
+                          f"window with a different name, shape or dtype than rank 0 (this rank: "
+                          f"{tuple(tensor.shape)} {tensor.dtype}); every rank must create the "
+                          "same windows in the same order")
+    if bool(table[:, 1].any()):
+        dup = [r for r in range(st.size) if int(table[r, 1])]
+        raise DecommError(f"win_create '{name}' on rank {st.rank}: a window of that name "
+                          f"already exists on ranks {dup}; win_free it first")
+    MPI = _mpi()
+    topo = st.topology
+    ins, outs = _neighbor_sets(topo, st.rank, st.size)
+    slot_of = {j: k + 1 for k, j in enumerate(ins)}
+    remote_slot = {}
+    for j in outs:
+        their_ins, _ = _neighbor_sets(topo, j, st.size)
+        remote_slot[j] = their_ins.index(st.rank) + 1
+    numel = tensor.numel()
+    nbytes = numel * tensor.element_size()
+    total = (1 + len(ins)) * nbytes
+    win = MPI.Win.Allocate(max(total, 8), 1, comm=st.comm)
+    try:
+        raw = torch.frombuffer(win.tomemory(), dtype=torch.uint8)[:total]
+        mem = raw.view(tensor.dtype).view(1 + len(ins), numel)
+        accum = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}.get(tensor.dtype)
+        w = _Window(name=name, tensor=tensor, shape=tuple(tensor.shape), dtype=tensor.dtype,
+                    numel=numel, nbytes=nbytes, win=win, mem=mem, slot_of=slot_of,
+                    remote_slot=remote_slot, topology=topo, rank=st.rank, owner=st,
+                    accum_dtype=accum)
+        x = tensor.detach().reshape(-1)
+        win.Lock(st.rank, MPI.LOCK_EXCLUSIVE)
+        mem[0].copy_(x)
+        mem[1:].zero_()
+        win.Unlock(st.rank)
+        win.Fence()  # everyone's memory is initialised before anyone writes into it
+        if not zero_init and nbytes:
+            src = _bytes(x.clone())
+            for j, k in remote_slot.items():
+                win.Put([src, MPI.BYTE], j, target=(k * nbytes, nbytes, MPI.BYTE))
+        win.Fence()
+    except BaseException:
+        win.Free()
+        raise
+    _windows[name] = w
+    if not _atexit_registered:
+        atexit.register(_free_all_at_exit)
+        _atexit_registered = True
+    return True
+
+
+@timeline.traced("win_free")
+def win_free(name: str | None = None) -> bool:
+    """Free window ``name`` (or every window when ``None``); collective. Returns True."""
+    runtime._require()
+    if name is None:
+        names = sorted(_windows)
+    else:
+        _get(name, "win_free")
+        names = [name]
+    for nm in names:
+        w = _windows.pop(nm)
+        with w.lock:
+            w.mem = torch.empty(0)
+            w.win.Free()
+    return True
+
+
+def _free_all_at_exit() -> None:
+    try:
+        MPI = _mpi()
+        if MPI.Is_finalized():
+            return
+    except ImportError:
+        return
+    for nm in sorted(_windows):
+        w = _windows.pop(nm)
+        try:
+            w.win.Free()
+        except Exception:
+            pass
+
+
+def win_names() -> list[str]:
+    """Names of the windows that exist on this rank."""
+    return sorted(_windows)
+
+
+def win_in_neighbors(name: str) -> list[int]:
+    """Ranks that have a slot in window ``name`` on this rank."""
+    return sorted(_get(name, "win_in_neighbors").slot_of)
+
+
+def win_out_neighbors(name: str) -> list[int]:
+    """Ranks in whose window ``name`` this rank has a slot (targets of put/accumulate)."""
+    return sorted(_get(name, "win_out_neighbors").remote_slot)
+
+
+# ------------------------------------------------------------------ put / acc
+def _default_dst(w: _Window) -> dict[int, float]:
+    t = runtime.current_round()
+    return {j: 1.0 for j in w.topology.out_neighbors(w.rank, t)}
+
+
+def _write(tensor: Any, name: str, self_weight: Any, dst_weights: Any, op: str,
+           accumulate: bool) -> torch.Tensor:
+    w = _get(name, op)
+    x = _check_tensor(tensor, w, op)
+    if accumulate and w.accum_dtype is None:
+        raise TypeError(f"{op} '{name}' on rank {w.rank}: accumulate needs float32 or float64 "
+                        f"(MPI has no {w.dtype} sum); use win_put")
+    dst = _default_dst(w) if dst_weights is None else \
+        _ranks_map(dst_weights, "dst_weights", op, w, w.remote_slot, "out")
+    sw = None if self_weight is None else _weight(self_weight, "self_weight", op, w)
+    MPI = _mpi()
+    flat = x.reshape(-1)
+    with w.lock:
+        with timeline.phase("expose"):
+            w.win.Lock(w.rank, MPI.LOCK_EXCLUSIVE)
+            try:
+                w.mem[0].copy_(flat)
+            finally:
+                w.win.Unlock(w.rank)
+        if w.nbytes:
+            with timeline.phase("accumulate" if accumulate else "put", targets=len(dst)):
+                for j in sorted(dst):
+                    wt = dst[j]
+                    buf = flat if wt == 1.0 else flat * wt
+                    disp = w.remote_slot[j] * w.nbytes
+                    w.win.Lock(j, MPI.LOCK_SHARED)
+                    try:
+                        if accumulate:
+                            w.win.Accumulate([buf.numpy(), w.accum_dtype], j,
+                                             target=(disp, w.numel, w.accum_dtype), op=MPI.SUM)
+                        else:
+                            w.win.Put([_bytes(buf), MPI.BYTE], j,
+                                      target=(disp, w.nbytes, MPI.BYTE))
+                    finally:
+                        w.win.Unlock(j)  # the write is complete at the target here
+    if sw is not None and sw != 1.0:
+        with torch.no_grad():
+            tensor.mul_(sw)
+    return tensor
+
+
+@timeline.traced("win_put")
+def win_put(tensor: torch.Tensor, name: str, *, self_weight: float | None = None,
+            dst_weights: Mapping[int, float] | None = None) -> torch.Tensor:
+    """Write ``dst_weights[j] * tensor`` into this rank's slot on every out-neighbour ``j``.
+
+    One-sided: returns once the writes are complete at the targets, which need not
+    make any call. ``dst_weights`` defaults to ``{j: 1}`` over the out-neighbours of
+    round ``current_round()`` of the window's topology. This rank's own slot (read
+    by :func:`win_get`) is set to ``tensor`` too. ``self_weight``: afterwards multiply
+    ``tensor`` in place by it (push-sum style). Returns ``tensor``.
+    """
+    return _write(tensor, name, self_weight, dst_weights, "win_put", False)
+
+
+@timeline.traced("win_accumulate")
+def win_accumulate(tensor: torch.Tensor, name: str, *, self_weight: float | None = None,
+                   dst_weights: Mapping[int, float] | None = None) -> torch.Tensor:
+    """Add ``dst_weights[j] * tensor`` into this rank's slot on every out-neighbour ``j``.
+
+    Like :func:`win_put` but atomic element-wise addition (``MPI_Accumulate`` with
+    ``MPI_SUM``), so several additions from this rank add up. float32/float64 only.
+    """
+    return _write(tensor, name, self_weight, dst_weights, "win_accumulate", True)
+
+
+# ------------------------------------------------------------------------ get
+@timeline.traced("win_get")
+def win_get(name: str, *, src_weights: Mapping[int, float] | None = None) -> bool:
+    """Fetch each in-neighbour ``j``'s own value (its slot 0) into slot ``j`` here.
+
+    ``src_weights`` (default ``{j: 1}`` over the in-neighbours of the current round
+    of the window's topology) scales what is stored. One-sided: ``j`` makes no call.
+    Returns True.
+    """
+    w = _get(name, "win_get")
+    if src_weights is None:
+        src = {j: 1.0 for j in w.topology.in_neighbors(w.rank, runtime.current_round())}
+    else:
+        src = _ranks_map(src_weights, "src_weights", "win_get", w, w.slot_of, "in")
+    if not w.nbytes or not src:
+        return True
+    MPI = _mpi()
+    with w.lock:
+        got = {}
+        with timeline.phase("get", sources=len(src)):
+            for j in sorted(src):
+                tmp = torch.empty(w.numel, dtype=w.dtype)
+                w.win.Lock(j, MPI.LOCK_SHARED)
+                try:
+                    w.win.Get([_bytes(tmp), MPI.BYTE], j, target=(0, w.nbytes, MPI.BYTE))
+                finally:
+                    w.win.Unlock(j)
+                got[j] = tmp if src[j] == 1.0 else tmp.mul_(src[j])
+        w.win.Lock(w.rank, MPI.LOCK_EXCLUSIVE)
+        try:
+            for j, tmp in got.items():
+                w.mem[w.slot_of[j]].copy_(tmp)
+        finally:
+            w.win.Unlock(w.rank)
+    return True
+
+
+# --------------------------------------------------------------------- update
+@timeline.traced("win_update")
+def win_update(name: str, *, self_weight: float | None = None,
+               neighbor_weights: Mapping[int, float] | None = None, reset: bool = False,
+               clone: bool = False) -> torch.Tensor:
+    """Mix locally: ``self_weight * x + sum_j neighbor_weights[j] * slot_j``.
+
+    ``x`` is the tensor registered at :func:`win_create`. Defaults: the weights of
+    round ``current_round()`` of the window's topology (``W[i, i]``, ``W[i, j]``);
+    give both or neither. ``reset=True`` zeroes the slots used (accumulate-style
+    protocols). The result is written into the registered tensor (and this rank's
+    own slot) and returned; with ``clone=True`` it is returned as a new tensor and
+    nothing is modified. Purely local: no other rank is involved.
+    """
+    from . import _C
+
+    w = _get(name, "win_update")
+    if (self_weight is None) != (neighbor_weights is None):
+        raise ValueError(f"win_update '{name}' on rank {w.rank}: give self_weight and "
+                         "neighbor_weights together (or neither, for the topology's weights)")
+    if self_weight is None:
+        sw, nb = w.topology.weights(w.rank, runtime.current_round())
+        missing = sorted(set(nb) - set(w.slot_of))
+        if missing:  # cannot happen for the creation topology; guards odd families
+            raise DecommError(f"win_update '{name}': ranks {missing} have no slot here")
+    else:
+        sw = _weight(self_weight, "self_weight", "win_update", w)
+        nb = _ranks_map(neighbor_weights, "neighbor_weights", "win_update", w, w.slot_of, "in")
+    order = sorted(nb)
+    MPI = _mpi()
+    with w.lock:
+        x = w.tensor.detach().reshape(-1)
+        w.win.Lock(w.rank, MPI.LOCK_EXCLUSIVE)
+        try:
+            with timeline.phase("reduce", neighbors=len(order)):
+                if w.numel:
+                    out = _C.weighted_sum(x.contiguous(), float(sw),
+                                          [w.mem[w.slot_of[j]] for j in order],
+                                          [float(nb[j]) for j in order])
+                else:
+                    out = x.clone()
+            if reset:
+                for j in order:
+                    w.mem[w.slot_of[j]].zero_()
+            if not clone:
+                w.mem[0].copy_(out)
+        finally:
+            w.win.Unlock(w.rank)
+        if clone:
+            return out.view(w.shape)
+        with torch.no_grad():
+            w.tensor.copy_(out.view(w.shape))
+    return w.tensor
+
+
+def win_update_then_collect(name: str) -> torch.Tensor:
+    """``x <- x + sum_j slot_j`` over every slot, then zero the slots (push-sum collect)."""
+    w = _get(name, "win_update_then_collect")
+    return win_update(name, self_weight=1.0, neighbor_weights={j: 1.0 for j in w.slot_of},
+                      reset=True)

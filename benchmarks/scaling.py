@@ -338,9 +338,22 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.worker, args.bytes, args.reps)
         return 0
     t0 = time.perf_counter()
-    sim = simulated(args.sim_n, args.cap) if args.part in ("both", "simulated") else None
-    meas = measured(args.mpi_n, args.bytes, args.reps, args.timeout) \
-        if args.part in ("both", "measured") else None
+    cache = Path(args.out) / "scaling.json"  # the part not run now is taken from here
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if args.part in ("both", "simulated"):
+        sim = simulated(args.sim_n, args.cap)
+    else:
+        sim = {lab: {int(n): r for n, r in rows.items()} for lab, rows in
+               saved.get("simulated", {}).items()} or None
+    if args.part in ("both", "measured"):
+        meas = measured(args.mpi_n, args.bytes, args.reps, args.timeout)
+    else:
+        meas = {int(n): r for n, r in saved.get("measured", {}).items()} or None
+        args.bytes = saved.get("bytes", args.bytes)
+        args.reps = saved.get("reps", args.reps)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"simulated": sim, "measured": meas, "bytes": args.bytes,
+                                 "reps": args.reps}, indent=1))
     md = write_report(sim, meas, args, Path(args.out))
     print(f"[scaling] wrote {md} in {time.perf_counter() - t0:.0f}s", flush=True)
     print(md.read_text())

@@ -48,8 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("times", &decomm::Handle::times);
 
   py::class_<MpiBackend, std::shared_ptr<MpiBackend>>(m, "MpiBackend")
-      .def(py::init<int64_t, double, bool>(), py::arg("comm_f"), py::arg("timeout"),
-           py::arg("check"))
+      .def(py::init<int64_t, double, bool, bool>(), py::arg("comm_f"), py::arg("timeout"),
+           py::arg("check"), py::arg("progress_thread") = true)
       .def("close", &MpiBackend::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &MpiBackend::rank)
       .def_property_readonly("size", &MpiBackend::size)

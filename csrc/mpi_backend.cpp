@@ -590,7 +590,7 @@ at::Tensor Handle::wait() {
 }
 
 // ---------------------------------------------------------------- MpiBackend
-MpiBackend::MpiBackend(int64_t comm_f, double timeout_s, bool check)
+MpiBackend::MpiBackend(int64_t comm_f, double timeout_s, bool check, bool progress_thread)
     : timeout_s_(timeout_s), check_(check) {
   int initialized = 0;
   MPI_Initialized(&initialized);
@@ -609,7 +609,8 @@ MpiBackend::MpiBackend(int64_t comm_f, double timeout_s, bool check)
   MPI_Query_thread(&level);
   // A progress thread needs MPI_THREAD_MULTIPLE; without it non-blocking
   // handles progress inside wait()/poll() on the caller's thread.
-  if (level == MPI_THREAD_MULTIPLE) progress_ = std::thread([this] { progress_loop(); });
+  if (progress_thread && level == MPI_THREAD_MULTIPLE)
+    progress_ = std::thread([this] { progress_loop(); });
 }
 
 MpiBackend::~MpiBackend() { close(); }

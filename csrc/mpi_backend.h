@@ -80,7 +80,7 @@ struct Peers {
 
 class MpiBackend {
  public:
-  MpiBackend(int64_t comm_f, double timeout_s, bool check);
+  MpiBackend(int64_t comm_f, double timeout_s, bool check, bool progress_thread = true);
   ~MpiBackend();
   void close();
 

@@ -178,10 +178,10 @@ def init_machines(local_size: int | None = None) -> None:
     local = world.Split(color=machine, key=rank)
     leaders_comm = world.Split(color=0 if lrank == 0 else MPI.UNDEFINED, key=rank)
     try:
-        local_be = _C.MpiBackend(local.py2f(), float(timeout), bool(check))
+        local_be = _backend(_C, local, timeout, check)
         leaders_be = None
         if leaders_comm != MPI.COMM_NULL:
-            leaders_be = _C.MpiBackend(leaders_comm.py2f(), float(timeout), bool(check))
+            leaders_be = _backend(_C, leaders_comm, timeout, check)
             if leaders_be.rank != machine:  # leaders are ordered by their (ascending) rank
                 raise DecommError(f"init_machines: leader of machine {machine} got rank "
                                   f"{leaders_be.rank} on the leaders' communicator")
@@ -199,6 +199,14 @@ def init_machines(local_size: int | None = None) -> None:
     if not _atexit_registered:
         atexit.register(shutdown_machines)
         _atexit_registered = True
+
+
+def _backend(_C: Any, comm: Any, timeout: float, check: bool) -> Any:
+    """A C++ backend on ``comm`` (it duplicates it); blocking ops only: no progress thread."""
+    try:
+        return _C.MpiBackend(comm.py2f(), float(timeout), bool(check), False)
+    except TypeError:  # a core built before the progress_thread argument
+        return _C.MpiBackend(comm.py2f(), float(timeout), bool(check))
 
 
 def shutdown_machines() -> None:

@@ -135,7 +135,11 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     if check is None:
         check = os.environ.get("DECOMM_CHECK", "1") != "0"
     world = comm if comm is not None else MPI.COMM_WORLD
-    be = _C.MpiBackend(world.py2f(), float(timeout), bool(check))
+    # Non-blocking ops progress on a background thread (measured in
+    # benchmarks/results/overlap.md); DECOMM_PROGRESS_THREAD=0 progresses them
+    # inside wait()/poll() instead.
+    progress = os.environ.get("DECOMM_PROGRESS_THREAD", "1") != "0"
+    be = _C.MpiBackend(world.py2f(), float(timeout), bool(check), progress)
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     topo = ExponentialGraph(world.Get_size())
     _state = _State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),

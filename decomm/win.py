@@ -224,16 +224,16 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
                     remote_slot=remote_slot, topology=topo, rank=st.rank, owner=st,
                     accum_dtype=accum)
         x = tensor.detach().reshape(-1)
-        win.Lock(st.rank, MPI.LOCK_EXCLUSIVE)
-        mem[0].copy_(x)
+        mem[0].copy_(x)  # nobody accesses the new window before the fence
         mem[1:].zero_()
-        win.Unlock(st.rank)
-        win.Fence()  # everyone's memory is initialised before anyone writes into it
+        # One active-target epoch for the initial exchange, closed with NOSUCCEED so
+        # that every later access can use passive-target locks.
+        win.Fence(MPI.MODE_NOPRECEDE)  # every rank's memory is initialised
         if not zero_init and nbytes:
             src = _bytes(x.clone())
             for j, k in remote_slot.items():
                 win.Put([src, MPI.BYTE], j, target=(k * nbytes, nbytes, MPI.BYTE))
-        win.Fence()
+        win.Fence(MPI.MODE_NOSUCCEED)
     except BaseException:
         win.Free()
         raise

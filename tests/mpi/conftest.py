@@ -28,7 +28,13 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 def pytest_configure(config) -> None:
     if config.getoption("--with-mpi", default=False):
+        import torch
+
         import decomm
+
+        # Up to 5 ranks share 2 cores: more than one intra-op thread per rank
+        # makes small torch ops many times slower.
+        torch.set_num_threads(1)
 
         decomm.init(timeout=TEST_TIMEOUT_S)
 

@@ -51,11 +51,13 @@ def test_page_is_built(html, page):
 
 
 def test_api_reference_documents_the_public_api(html):
+    import inspect
+
     import decomm
 
     text = (html / "api" / "decomm.html").read_text(encoding="utf-8")
     missing = [name for name in decomm.__all__
-               if not name.startswith("_") and name != "topology"
+               if not name.startswith("_") and not inspect.ismodule(getattr(decomm, name))
                and f'id="decomm.{name}"' not in text]
     assert not missing, f"not in the API reference: {missing}"
     topo = (html / "api" / "topology.html").read_text(encoding="utf-8")

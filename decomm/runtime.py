@@ -349,4 +349,4 @@ def mpi_library_version() -> str:
     """The MPI library decomm's C++ core is running on."""
     from . import _C
 
-    return _C.mpi_library_version().strip()
+    return _C.mpi_library_version().rstrip("\x00").strip()

@@ -1,9 +1,10 @@
 # decomm: two commands do everything on a fresh machine.
-#   make run   - set up (venv, MPI wheels, build) and run the main job
+#   make run   - set up (venv, MPI wheels, build) and run the main job: decentralized
+#                training on the bundled digits data over a Base-(k+1) graph
 #   make test  - set up and run the whole test suite (unit + MPI for 1..5 ranks)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-NP ?= 4
+NP ?= 8
 
 .PHONY: setup run gossip test test-unit test-mpi lint bench clean
 
@@ -11,7 +12,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 run: setup
-	$(VENV)/bin/decomm-run -np $(NP) $(PY) examples/gossip.py --topology base --k 1
+	$(VENV)/bin/decomm-run -np $(NP) $(PY) examples/train.py --out runs/main
 
 gossip: setup
 	$(VENV)/bin/decomm-run -np $(NP) $(PY) examples/gossip.py

@@ -65,6 +65,7 @@ def test_zero_init_put_and_dst_weights():
     same = W.win_update("p", self_weight=1.0,
                         neighbor_weights={j: 1.0 for j in W.win_in_neighbors("p")}, clone=True)
     assert torch.equal(same, value(r)) and torch.equal(x, value(r))  # slots are zero
+    decomm.barrier()  # nobody writes into a slot before its owner has checked it
     outs = W.win_out_neighbors("p")
     W.win_put(x, "p", dst_weights={j: 0.5 * (r + 1) for j in outs})
     decomm.barrier()
@@ -280,22 +281,31 @@ def test_async_gossip_averages_and_trains_with_uneven_speeds():
     assert bool(((vals[0] >= lo - 1e-9) & (vals[0] <= hi + 1e-9)).all())  # a convex mix
     opt.close()
     assert W.win_names() == []
-    # 2) training: f_i(x) = |x - b_i|^2 / 2, optimum mean(b); uneven speeds
+    # 2) training: f_i(x) = |x - b_i|^2 / 2, optimum mean(b); the odd ranks are slower,
+    #    so the others mix stale copies of them (the same number of steps everywhere)
     q = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     opt = AsyncGossip(torch.optim.SGD([q], lr=0.2))
     b = _quadratic_target(r)
-    steps = 150 + 30 * (r % 3)
-    for k in range(steps):
+    for k in range(200):
         for g in opt.param_groups:
             g["lr"] = 0.2 / (1 + 0.05 * k)
         opt.zero_grad()
         (0.5 * (q - b).square().sum()).backward()
         opt.step()
+        if r % 2:
+            time.sleep(2e-4)
     decomm.barrier()
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    for _ in range(30):  # settle
+        q.grad = torch.zeros_like(q)
+        opt.step()
+        decomm.barrier()
     vals = decomm.allgather(q.detach().reshape(1, 3))
     opt_x = torch.stack([_quadratic_target(j) for j in range(n)]).mean(0)
-    assert float((vals.mean(0) - opt_x).abs().max()) < 0.25
-    assert float((vals - vals.mean(0)).abs().max()) < 0.25
+    # synchronous DSGD gets within 1e-4 here; staleness costs accuracy, boundedly
+    assert float((vals - vals.mean(0)).abs().max()) < 1e-6
+    assert float((vals.mean(0) - opt_x).abs().max()) < 0.1
     opt.close()
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import runtime
+from . import cuda_ops, interop, runtime
 from .errors import DecommError
 
 __all__ = [
@@ -99,19 +99,18 @@ def _name(name: Any, default: str) -> str:
 
 
 def _to_torch(obj: Any, op: str, name: str) -> tuple[torch.Tensor, Any]:
-    """(CPU torch view of obj, function turning a torch result back into obj's type)."""
+    """(torch view of obj (CPU or CUDA), function turning a torch result back into obj's type)."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        if t.device.type != "cpu":
-            raise DecommError(
-                f"{op} '{name}' on rank {runtime.rank()}: tensor is on {t.device}, but this "
-                "decomm build has no CUDA support (decomm.cuda_available() is False); move it "
-                "to the CPU")
+        cuda_ops.check_device(t, op, name)
         return t, lambda r: r
     if isinstance(obj, np.ndarray):
         if obj.dtype == np.float16 or obj.dtype.kind in "fiub":
             return torch.from_numpy(np.ascontiguousarray(obj)), lambda r: r.numpy()
         raise TypeError(f"{op} '{name}': numpy dtype {obj.dtype} is not supported")
+    converted = interop.as_torch(obj)  # cupy arrays: zero-copy, returned as cupy
+    if converted is not None:
+        return converted
     raise TypeError(f"{op} '{name}': expected a torch.Tensor or numpy.ndarray, "
                     f"got {type(obj).__name__}")
 
@@ -216,10 +215,11 @@ def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_wei
     if inplace:
         out = x
     else:
-        out = torch.empty(x.shape, dtype=x.dtype)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     nonfinite = _nonfinite_report(x, "neighbor_allreduce", name, state, rnd)
-    h = state.backend.neighbor_allreduce(x, out, sw, src, src_w, dst, dst_w, name, rnd,
-                                         state.topo_hash, nonblocking)
+    be = cuda_ops.backend_for(state, x, "neighbor_allreduce")
+    h = be.neighbor_allreduce(x, out, sw, src, src_w, dst, dst_w, name, rnd,
+                              state.topo_hash, nonblocking)
 
     def finish(result: torch.Tensor) -> Any:
         if nonfinite:
@@ -305,9 +305,10 @@ def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking
     # Half precision is summed in float32 (MPI has no float16 sum; it is also more exact).
     wide = t.dtype in (torch.float16, torch.bfloat16)
     x = t.float() if wide else (t if t.is_contiguous() else t.contiguous())
-    out = x if (inplace or wide) else torch.empty(x.shape, dtype=x.dtype)
+    out = x if (inplace or wide) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     nonfinite = _nonfinite_report(x, "allreduce", name, state, -1)
-    h = state.backend.allreduce(x, out, bool(average), name, nonblocking)
+    be = cuda_ops.backend_for(state, x, "allreduce")
+    h = be.allreduce(x, out, bool(average), name, nonblocking)
 
     def finish(result: torch.Tensor) -> Any:
         if nonfinite:
@@ -369,7 +370,7 @@ def broadcast_(tensor: Any, root: int, *, name: str | None = None) -> Any:
     root = _check_root(root, "broadcast", name)
     t, _ = _to_torch(tensor, "broadcast", name)
     x = t if t.is_contiguous() else t.contiguous()
-    runtime._require().backend.broadcast(x, root, name)
+    cuda_ops.backend_for(runtime._require(), x, "broadcast").broadcast(x, root, name)
     if x.data_ptr() != t.data_ptr():
         t.copy_(x)
     return tensor
@@ -381,7 +382,7 @@ def broadcast(tensor: Any, root: int, *, name: str | None = None) -> Any:
     root = _check_root(root, "broadcast", name)
     t, back = _to_torch(tensor, "broadcast", name)
     out = t.clone(memory_format=torch.contiguous_format)
-    runtime._require().backend.broadcast(out, root, name)
+    cuda_ops.backend_for(runtime._require(), out, "broadcast").broadcast(out, root, name)
     return back(out)
 
 
@@ -408,15 +409,16 @@ def broadcast_parameters(params: Any, root: int = 0) -> None:
                             "not a tensor")
         named.append((str(key), value))
     root = _check_root(root, "broadcast_parameters", "parameters")
-    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    by_dtype: dict[tuple[torch.dtype, str], list[tuple[str, torch.Tensor]]] = {}
     for key, value in named:
-        by_dtype.setdefault(value.dtype, []).append((key, value))
+        by_dtype.setdefault((value.dtype, value.device.type), []).append((key, value))
     with torch.no_grad():
-        for dtype in sorted(by_dtype, key=str):
-            group = by_dtype[dtype]
+        for dtype, device_type in sorted(by_dtype, key=str):
+            group = by_dtype[(dtype, device_type)]
             flat = torch.cat([v.detach().reshape(-1) for _, v in group]) if group else None
             label = f"broadcast_parameters.{str(dtype).replace('torch.', '')}.{len(group)}"
-            runtime._require().backend.broadcast(flat, root, label)
+            be = cuda_ops.backend_for(runtime._require(), flat, "broadcast")
+            be.broadcast(flat, root, label)
             offset = 0
             for _, v in group:
                 n = v.numel()
@@ -434,7 +436,7 @@ def allgather(tensor: Any, *, name: str | None = None) -> Any:
     name = _name(name, "allgather")
     t, back = _to_torch(tensor, "allgather", name)
     x = t.reshape(1) if t.dim() == 0 else (t if t.is_contiguous() else t.contiguous())
-    return back(runtime._require().backend.allgather(x, name))
+    return back(cuda_ops.backend_for(runtime._require(), x, "allgather").allgather(x, name))
 
 
 def neighbor_allgather(tensor: Any, *, name: str | None = None) -> Any:
@@ -448,8 +450,9 @@ def neighbor_allgather(tensor: Any, *, name: str | None = None) -> Any:
     t, back = _to_torch(tensor, "neighbor_allgather", name)
     x = t.reshape(1) if t.dim() == 0 else (t if t.is_contiguous() else t.contiguous())
     plan, rnd = runtime._plan(state)
-    return back(state.backend.neighbor_allgather(x, plan.src_ranks, plan.dst_ranks, name, rnd,
-                                                 state.topo_hash))
+    be = cuda_ops.backend_for(state, x, "neighbor_allgather")
+    return back(be.neighbor_allgather(x, plan.src_ranks, plan.dst_ranks, name, rnd,
+                                      state.topo_hash))
 
 
 def barrier() -> None:

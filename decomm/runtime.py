@@ -147,6 +147,13 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
                     topology=topo, topo_hash=_hash64(topo))
     _state.check_finite = os.environ.get("DECOMM_CHECK_FINITE", "0") not in ("", "0")
     local.Free()
+    from . import cuda_ops
+
+    try:  # collective: how CUDA tensors travel (NCCL, or MPI via pinned host memory)
+        cuda_ops.setup(_state, backend, check=check)
+    except BaseException:
+        shutdown()
+        raise
     atexit.register(shutdown)
     if abort_on_error and _state.size > 1:
         _install_abort_hook(world)
@@ -171,6 +178,9 @@ def shutdown() -> None:
     if _state is None:
         return
     state, _state = _state, None
+    from . import cuda_ops
+
+    cuda_ops.teardown(state)
     state.backend.close()
 
 

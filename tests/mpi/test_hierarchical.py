@@ -323,3 +323,18 @@ def test_shape_mismatch_inside_a_machine_raises():
     x = torch.from_numpy(value(decomm.rank(), (2,)))  # still healthy
     close(H.hierarchical_neighbor_allreduce(x),
           expected(T.ExponentialGraph(H.machine_size()).matrix(0), 2, (2,)))
+
+
+def test_gossip_failure_reaches_every_rank_of_the_machine():
+    """Machines that disagree on the shape: leaders see the mismatch, members hear of it."""
+    n = decomm.size()
+    if n < 4:
+        pytest.skip("needs 2 machines of 2 ranks")
+    H.init_machines(2)
+    shape = (4,) if H.machine_rank() % 2 == 0 else (5,)
+    pattern = "called differently" if H.local_rank() == 0 else "failed on this machine's leader"
+    with pytest.raises(decomm.DecommError, match=pattern):
+        H.hierarchical_neighbor_allreduce(torch.zeros(shape), name="machines-differ")
+    x = torch.from_numpy(value(decomm.rank(), (3,)))  # still healthy
+    close(H.hierarchical_neighbor_allreduce(x),
+          expected(T.ExponentialGraph(H.machine_size()).matrix(0), 2, (3,)))

@@ -557,8 +557,8 @@ def write_report(results: list[tuple[Spec, Curve]], args: argparse.Namespace,
         + ". The n nodes are simulated in one process by `decomm.sim` with the same "
         "optimizer wrappers an MPI run uses.",
         "",
-        "Setup: DSGD with heavy-ball momentum 0.9 (and D² / gradient tracking, each wrapping "
-        "SGD + momentum 0.9), cosine learning-rate schedule, Dirichlet label split over the "
+        "Setup: DSGD with heavy-ball momentum 0.9 (D², gradient tracking and QG-DSGDm in "
+        "their own section below), cosine learning-rate schedule, Dirichlet label split over the "
         "nodes (α = 10: nearly IID, α = 0.1: one or two dominant classes per node), equal "
         f"shard sizes; {args.seeds} seed(s) per cell (seed = data split, batch order, "
         "initialisation, EquiDyn's rounds); mean ± sample std. \"Final acc.\" is the test "

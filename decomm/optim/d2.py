@@ -125,6 +125,16 @@ class D2(DecentralizedOptimizer):
                 UserWarning,
                 stacklevel=3,
             )
+        elif getattr(topo, "rounds", 1) != 1:
+            # Measured: D2 diverged over Base-(k+1) and one-peer exponential schedules at
+            # every learning rate tried (benchmarks/results/topologies.md).
+            warnings.warn(
+                f"D2's analysis assumes one fixed mixing matrix, but {name} changes every "
+                "round; D2 may diverge over time-varying topologies (it did over Base-(k+1) "
+                "graphs in decomm's benchmarks). GradientTracking is the safer choice there.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _setup(self) -> None:
         self._h = [b.new_state() for b in self._buckets]

@@ -431,3 +431,18 @@ def test_base_class_is_abstract():
     )
     with pytest.raises(NotImplementedError):
         opt.step()
+
+
+def test_d2_warns_on_time_varying_topology():
+    import warnings as _warnings
+
+    from decomm.optim import D2
+    from decomm.sim import Simulation
+    from decomm.topology import BaseGraph
+
+    with _warnings.catch_warnings(record=True) as rec:
+        _warnings.simplefilter("always")
+        sim = Simulation(BaseGraph(4, 1), lambda: torch.nn.Linear(2, 1),
+                         lambda m: torch.optim.SGD(m.parameters(), lr=0.1), D2)
+        sim.step(lambda i, m: m(torch.ones(1, 2)).sum())
+    assert any("changes every round" in str(w.message) for w in rec)

@@ -1,6 +1,7 @@
 """Cost of decomm's timeline: off (hooks present, not recording) and on.
 
-Run ``python benchmarks/timeline_overhead.py`` (launches itself under mpirun -np 2).
+Run ``python benchmarks/timeline_overhead.py`` (launches itself under mpirun -np 1 and 2;
+one rank has no neighbours, so it isolates the software cost from the noise of waiting).
 Per message size (float32, ring), interleaved in the same run, the median time per
 ``decomm.neighbor_allreduce_`` call with:
 
@@ -76,7 +77,7 @@ def worker(out_path: str | None, reps: int) -> None:
         x = torch.full((nbytes // 4,), float(rank))
         iters = max(5, min(400, (16 << 20) // nbytes))
         res: dict[str, list[float]] = {"bare": [], "off": [], "on": []}
-        for _ in range(3):  # interleaved rounds
+        for _ in range(5):  # interleaved rounds
             for m in ("bare", "off", "on"):
                 mode(m)
                 decomm.neighbor_allreduce_(x, name="bench")
@@ -108,38 +109,44 @@ def worker(out_path: str | None, reps: int) -> None:
     decomm.shutdown()
 
 
-def driver(n: int, reps: int, out_md: Path) -> int:
+def driver(nps: list[int], reps: int, out_md: Path) -> int:
     mpirun = Path(sys.executable).parent / "mpirun"
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("DECOMM_TIMELINE", None)
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        path = f.name
-    print(f"[bench] timeline overhead on {n} ranks (ring)", flush=True)
-    cmd = [str(mpirun), "-np", str(n), "--oversubscribe", "--bind-to", "none",
-           sys.executable, __file__, "--worker", "--json", path, "--reps", str(reps)]
-    rc = subprocess.run(cmd, env=env).returncode
-    if rc != 0:
-        print(f"[bench] mpirun failed with exit code {rc}", flush=True)
-        return rc
-    res = json.loads(Path(path).read_text())
-    os.unlink(path)
+    results = []
+    for n in nps:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            path = f.name
+        print(f"[bench] timeline overhead on {n} ranks (ring)", flush=True)
+        cmd = [str(mpirun), "-np", str(n), "--oversubscribe", "--bind-to", "none",
+               sys.executable, __file__, "--worker", "--json", path, "--reps", str(reps)]
+        rc = subprocess.run(cmd, env=env).returncode
+        if rc != 0:
+            print(f"[bench] mpirun failed with exit code {rc}", flush=True)
+            return rc
+        results.append(json.loads(Path(path).read_text()))
+        os.unlink(path)
+    res = results[-1]
     lines = [
         "# Timeline overhead",
         "",
-        f"Machine: {os.cpu_count()} shared CPU cores, no GPU; {res['np']} ranks, ring, float32, "
-        "`decomm.neighbor_allreduce_`. Median time per call (max over ranks), the three modes "
-        "interleaved in the same run. **bare** = no decorator, C++ timestamps off (the code "
-        "before the timeline); **off** = decorated, not recording (every user's cost); "
-        "**on** = recording (`DECOMM_TIMELINE`).",
+        f"Machine: {os.cpu_count()} shared CPU cores (shared with other jobs: expect +-20% "
+        "noise between rows), no GPU; ring, float32, `decomm.neighbor_allreduce_`. Median "
+        "time per call (max over ranks), the three modes interleaved in the same run. "
+        "**bare** = no decorator, C++ timestamps off (the code before the timeline); "
+        "**off** = decorated, not recording (every user's cost); **on** = recording "
+        "(`DECOMM_TIMELINE`). With 1 rank there is no neighbour to wait for, so the "
+        "difference is the software cost alone.",
         "",
-        "| size | bare (us) | off (us) | on (us) | off/bare | on/bare |",
-        "|---|---|---|---|---|---|",
+        "| ranks | size | bare (us) | off (us) | on (us) | off/bare | on/bare |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for row in res["rows"]:
-        lines.append(f"| {human(row['bytes'])} | {row['bare'] * 1e6:.1f} | {row['off'] * 1e6:.1f} | "
-                     f"{row['on'] * 1e6:.1f} | {row['off'] / row['bare']:.3f} | "
-                     f"{row['on'] / row['bare']:.3f} |")
+    for r in results:
+        for row in r["rows"]:
+            lines.append(f"| {r['np']} | {human(row['bytes'])} | {row['bare'] * 1e6:.1f} | "
+                         f"{row['off'] * 1e6:.1f} | {row['on'] * 1e6:.1f} | "
+                         f"{row['off'] / row['bare']:.3f} | {row['on'] / row['bare']:.3f} |")
     lines += [
         "",
         "The decorator alone, around a Python no-op (no MPI; min of 5 x 200k calls):",
@@ -160,7 +167,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--np", type=int, default=2)
+    ap.add_argument("--np", default="1,2")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                          "timeline_overhead.md"))
@@ -168,7 +175,7 @@ def main() -> int:
     if args.worker:
         worker(args.json, args.reps)
         return 0
-    return driver(args.np, args.reps, Path(args.out))
+    return driver([int(v) for v in args.np.split(",")], args.reps, Path(args.out))
 
 
 if __name__ == "__main__":

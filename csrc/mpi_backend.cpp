@@ -585,7 +585,10 @@ at::Tensor Handle::wait() {
   } else {
     be_->run(*op_);
   }
-  if (!op_->error().empty()) throw DecommError(op_->error());
+  if (!op_->error().empty()) {
+    be_->bury(op_);  // a failed op's buffers may still be referenced by MPI
+    throw DecommError(op_->error());
+  }
   return op_->result;
 }
 
@@ -720,6 +723,24 @@ std::vector<Header> MpiBackend::check_collective(const Header& mine, bool ignore
   return all;
 }
 
+std::shared_ptr<Handle> MpiBackend::launch(const std::shared_ptr<Op>& op, bool async) {
+  if (async && has_progress_thread()) {
+    enqueue(op);
+  } else if (!async) {
+    run(*op);
+    if (!op->error().empty()) {
+      bury(op);
+      throw DecommError(op->error());
+    }
+  }
+  return std::make_shared<Handle>(op, this);
+}
+
+void MpiBackend::bury(const std::shared_ptr<Op>& op) {
+  std::lock_guard<std::mutex> lk(mu_);
+  graveyard_.push_back(op);
+}
+
 std::shared_ptr<Handle> MpiBackend::neighbor_allreduce(const at::Tensor& x, const at::Tensor& out,
                                                        double self_weight, const Peers& src,
                                                        const Peers& dst, const std::string& name,
@@ -728,16 +749,7 @@ std::shared_ptr<Handle> MpiBackend::neighbor_allreduce(const at::Tensor& x, cons
   Header hdr = make_header(kNeighborAllreduce, p2p_seq_++, x, name, round, topo_hash);
   auto op = std::make_shared<NeighborAllreduceOp>(this, x, out, self_weight, src, dst, name, hdr);
   op->post();
-  if (async && has_progress_thread()) {
-    enqueue(op);
-  } else if (!async) {
-    run(*op);
-    if (!op->error().empty()) {
-      graveyard_.push_back(op);
-      throw DecommError(op->error());
-    }
-  }
-  return std::make_shared<Handle>(op, this);
+  return launch(op, async);
 }
 
 at::Tensor MpiBackend::neighbor_allgather(const at::Tensor& x, const std::vector<int64_t>& src,
@@ -749,7 +761,7 @@ at::Tensor MpiBackend::neighbor_allgather(const at::Tensor& x, const std::vector
   op->post();
   while (!op->advance_all()) sched_yield();
   if (!op->error().empty()) {
-    graveyard_.push_back(op);
+    bury(op);
     throw DecommError(op->error());
   }
   return op->result;
@@ -771,16 +783,7 @@ std::shared_ptr<Handle> MpiBackend::allreduce(const at::Tensor& x, const at::Ten
   if (t0) op->times_[kTimeBegin] = t0;
   op->mark(kTimePosted);
   bytes_sent += x.numel() * static_cast<int64_t>(x.element_size());
-  if (async && has_progress_thread()) {
-    enqueue(op);
-  } else if (!async) {
-    run(*op);
-    if (!op->error().empty()) {
-      graveyard_.push_back(op);
-      throw DecommError(op->error());
-    }
-  }
-  return std::make_shared<Handle>(op, this);
+  return launch(op, async);
 }
 
 void MpiBackend::broadcast(const at::Tensor& inout, int root, const std::string& name) {

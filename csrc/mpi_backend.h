@@ -118,6 +118,10 @@ class MpiBackend {
 
  private:
   void progress_loop();
+  // Blocking: run to completion here; async: hand to the progress thread.
+  std::shared_ptr<Handle> launch(const std::shared_ptr<Op>& op, bool async);
+  // Keeps a failed op (and the buffers MPI may still touch) alive for good.
+  void bury(const std::shared_ptr<Op>& op);
   void enqueue(std::shared_ptr<Op> op);
   // Gathers every rank's header and raises on all ranks if any differ.
   std::vector<Header> check_collective(const Header& mine, bool ignore_first_dim,

@@ -210,10 +210,29 @@ def _arm(on: bool) -> None:
     _backends[:] = live
 
 
-def _runtime_backend() -> Any:
-    from . import runtime
+_mods: dict[str, Any] = {}
 
-    st = runtime._state
+
+def _runtime() -> Any:
+    mod = _mods.get("runtime")
+    if mod is None:
+        from . import runtime as mod
+
+        _mods["runtime"] = mod
+    return mod
+
+
+def _core() -> Any:
+    mod = _mods.get("_C")
+    if mod is None:
+        from . import _C as mod
+
+        _mods["_C"] = mod
+    return mod
+
+
+def _runtime_backend() -> Any:
+    st = _runtime()._state
     return None if st is None else st.backend
 
 
@@ -261,7 +280,10 @@ def _emit(name: str, cat: str, t0: int, t1: int, tid: int, args: dict | None = N
     if len(_events) >= MAX_EVENTS:
         _dropped += 1
         return
-    _events.append((name, cat, t0, max(t1 - t0, 0), tid, args))
+    # Only atoms and tuples are stored, so the cyclic GC untracks the events and does
+    # not walk hundreds of thousands of them on every full collection.
+    _events.append((name, cat, t0, max(t1 - t0, 0), tid,
+                    tuple(args.items()) if args else None))
 
 
 def _to_json(e: tuple, rank: int | None = None) -> dict[str, Any]:
@@ -270,7 +292,7 @@ def _to_json(e: tuple, rank: int | None = None) -> dict[str, Any]:
                          "dur": dur / 1000.0, "pid": _my_rank() if rank is None else rank,
                          "tid": tid}
     if args:
-        d["args"] = args
+        d["args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in args}
     return d
 
 
@@ -281,10 +303,9 @@ def _capture_rank_and_backend() -> None:
         with contextlib.suppress(Exception):
             be.timeline = True
         _armed_runtime_backend = be
-        from . import runtime
-
-        if runtime._state is not None:
-            _rank = runtime._state.rank
+        st = _runtime()._state
+        if st is not None:
+            _rank = st.rank
 
 
 def _c_times_valid(times: Any, lo: int, hi: int) -> bool:
@@ -314,7 +335,7 @@ def _describe(args: tuple, kwargs: dict, name_idx: int | None, kind: str) -> tup
     if nbytes is not None:
         info["bytes"] = int(nbytes)
         info["dtype"] = str(getattr(t, "dtype", "")).replace("torch.", "")
-        info["shape"] = list(getattr(t, "shape", ()))
+        info["shape"] = tuple(getattr(t, "shape", ()))
     return info["name"], info
 
 
@@ -359,8 +380,6 @@ def _run_traced(kind: str, label: str, fn: Callable, name_idx: int | None, args:
             _profile_wait(result, label)
         return result
     _capture_rank_and_backend()
-    from . import _C
-
     name, info = _describe(args, kwargs, name_idx, kind)
     tid = _tid()
     _local.inner = False  # set by any traced op that runs inside this one
@@ -383,7 +402,7 @@ def _run_traced(kind: str, label: str, fn: Callable, name_idx: int | None, args:
     if _is_handle(result):
         _trace_handle(kind, label, result, result._c, name, info, t_call, t_end, tid)
         return result
-    times = _C.last_op_times()
+    times = _core().last_op_times()
     if phases and not had_inner and _c_times_valid(times, t_call, t_end):
         _phase_events(times, t_call, t_end, tid)
     _emit(kind, "op", t_call, t_end, tid, info)

@@ -4,7 +4,7 @@
 #   make test  - set up and run the whole test suite (unit + MPI for 1..5 ranks)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-NP ?= 8
+NP ?= 25
 
 .PHONY: setup run gossip test test-unit test-mpi lint bench clean
 

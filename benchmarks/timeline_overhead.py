@@ -100,7 +100,8 @@ def worker(out_path: str | None, reps: int) -> None:
     raw_ns = min(timeit.repeat(lambda: noop(t, name="x"), number=k, repeat=5)) / k * 1e9
     off_ns = min(timeit.repeat(lambda: deco(t, name="x"), number=k, repeat=5)) / k * 1e9
     timeline.start(os.path.join(tmp, "noop"))
-    on_ns = min(timeit.repeat(lambda: deco(t, name="x"), number=k // 10, repeat=5)) / (k // 10) * 1e9
+    k_on = k // 10
+    on_ns = min(timeit.repeat(lambda: deco(t, name="x"), number=k_on, repeat=5)) / k_on * 1e9
     timeline.stop()
     timeline._reset_for_tests()
     if rank == 0 and out_path:

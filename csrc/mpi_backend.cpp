@@ -760,6 +760,7 @@ at::Tensor MpiBackend::neighbor_allgather(const at::Tensor& x, const std::vector
   auto op = std::make_shared<NeighborAllgatherOp>(this, x, src, dst, name, hdr);
   op->post();
   while (!op->advance_all()) sched_yield();
+  if (timeline()) tl_last_times = op->times();
   if (!op->error().empty()) {
     bury(op);
     throw DecommError(op->error());

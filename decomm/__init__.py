@@ -14,10 +14,18 @@ Convention: ``W[i, j]`` is the weight rank i gives to the value received from ra
 one round of gossip is ``x <- W @ x``.
 """
 
-from . import topology
+from . import hierarchical, timeline, topology, win
 from ._version import __version__
 from .backends import built_with_cuda, cuda_available, nccl_available
 from .errors import DecommError
+from .hierarchical import (
+    get_machine_topology,
+    hierarchical_neighbor_allreduce,
+    hierarchical_neighbor_allreduce_,
+    machine_rank,
+    machine_size,
+    set_machine_topology,
+)
 from .ops import (
     Handle,
     allgather,
@@ -58,6 +66,15 @@ from .runtime import (
     size,
     stats,
 )
+from .win import (
+    win_accumulate,
+    win_create,
+    win_free,
+    win_get,
+    win_put,
+    win_update,
+    win_update_then_collect,
+)
 
 __all__ = [
     "DecommError",
@@ -76,13 +93,19 @@ __all__ = [
     "built_with_cuda",
     "cuda_available",
     "current_round",
+    "get_machine_topology",
     "get_timeout",
     "get_topology",
+    "hierarchical",
+    "hierarchical_neighbor_allreduce",
+    "hierarchical_neighbor_allreduce_",
     "in_neighbors",
     "init",
     "is_initialized",
     "local_rank",
     "local_size",
+    "machine_rank",
+    "machine_size",
     "mpi_library_version",
     "nccl_available",
     "neighbor_allgather",
@@ -94,6 +117,7 @@ __all__ = [
     "poll",
     "rank",
     "reset_stats",
+    "set_machine_topology",
     "set_round",
     "set_timeout",
     "set_topology",
@@ -101,7 +125,16 @@ __all__ = [
     "size",
     "stats",
     "synchronize",
+    "timeline",
     "topology",
+    "win",
+    "win_accumulate",
+    "win_create",
+    "win_free",
+    "win_get",
+    "win_put",
+    "win_update",
+    "win_update_then_collect",
 ]
 
 

@@ -95,6 +95,7 @@ class _Hier:
     plans: dict[int, _Plan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     seq: int = 0
+    check: bool = True  # cross-rank header checks (DECOMM_CHECK)
 
 
 _state: _Hier | None = None
@@ -193,7 +194,7 @@ def init_machines(local_size: int | None = None) -> None:
     _state = _Hier(owner=rt, rank=rank, size=size, machine=machine, machines=machines,
                    local_rank=lrank, local_size=len(members), machine_of=machine_of,
                    grouping=grouping, local_be=local_be, leaders_be=leaders_be,
-                   topology=topo, topo_hash=_hash64(topo))
+                   topology=topo, topo_hash=_hash64(topo), check=check)
     timeline.register_backend(local_be)
     timeline.register_backend(leaders_be)
     if not _atexit_registered:
@@ -424,6 +425,18 @@ def _to_torch(obj: Any, name: str, rank: int) -> tuple[torch.Tensor, Any]:
                     f"{type(obj).__name__}")
 
 
+def _local_broadcast(st: _Hier, work: torch.Tensor, name: str) -> None:
+    """Leader -> machine. The allreduce just before, in the same call, already compared
+    the machine's headers (op, name, shape, dtype), so the broadcast skips its own check."""
+    if st.check:
+        st.local_be.set_check(False)
+    try:
+        st.local_be.broadcast(work, 0, name)
+    finally:
+        if st.check:
+            st.local_be.set_check(True)
+
+
 @timeline.traced(_OP, phases=False)
 def _hierarchical(tensor: Any, self_weight: Any, src_machine_weights: Any,
                   dst_machine_weights: Any, name: Any, inplace: bool) -> Any:
@@ -461,7 +474,7 @@ def _hierarchical(tensor: Any, self_weight: Any, src_machine_weights: Any,
         if failed is not None:
             raise failed
         with timeline.phase("local_broadcast"):
-            st.local_be.broadcast(work, 0, name)
+            _local_broadcast(st, work, name)
         if float(work[numel]) != 0.0:
             leader = st.machine_of.index(st.machine)
             raise DecommError(
@@ -488,7 +501,7 @@ def _hierarchical(tensor: Any, self_weight: Any, src_machine_weights: Any,
         if st.local_size > 1 and not local_failed:
             with timeline.phase("local_broadcast"):
                 work[numel] = 0.0 if failed is None else 1.0
-                st.local_be.broadcast(work, 0, name)
+                _local_broadcast(st, work, name)
         if failed is not None:
             raise failed
     with timeline.phase("unpack"):

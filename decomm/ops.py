@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import cuda_ops, interop, runtime
+from . import cuda_ops, interop, runtime, timeline
 from .errors import DecommError
 
 __all__ = [
@@ -204,6 +204,7 @@ def _resolve(self_weight: Any, src_weights: Any, dst_weights: Any, name: str,
 
 
 # --------------------------------------------------------- neighbor_allreduce
+@timeline.traced("neighbor_allreduce")
 def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_weights: Any,
                         name: Any, inplace: bool, nonblocking: bool) -> Any:
     name = _name(name, "neighbor_allreduce")
@@ -291,6 +292,7 @@ def neighbor_allreduce_nonblocking_(tensor: Any, *, self_weight: float | None = 
 
 
 # ------------------------------------------------------------------ allreduce
+@timeline.traced("allreduce")
 def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking: bool) -> Any:
     name = _name(name, "allreduce")
     state = runtime._require()
@@ -361,6 +363,7 @@ def _check_root(root: Any, op: str, name: str) -> int:
     return int(root)
 
 
+@timeline.traced("broadcast")
 def broadcast_(tensor: Any, root: int, *, name: str | None = None) -> Any:
     """Overwrite ``tensor`` on every rank with root's value; returns ``tensor``.
 
@@ -376,6 +379,7 @@ def broadcast_(tensor: Any, root: int, *, name: str | None = None) -> Any:
     return tensor
 
 
+@timeline.traced("broadcast")
 def broadcast(tensor: Any, root: int, *, name: str | None = None) -> Any:
     """Root's ``tensor`` on every rank, as a new tensor (the input is left unchanged)."""
     name = _name(name, "broadcast")
@@ -386,6 +390,7 @@ def broadcast(tensor: Any, root: int, *, name: str | None = None) -> Any:
     return back(out)
 
 
+@timeline.traced("broadcast_parameters", phases=False)
 def broadcast_parameters(params: Any, root: int = 0) -> None:
     """Make every rank's parameters equal to root's, in place.
 
@@ -427,6 +432,7 @@ def broadcast_parameters(params: Any, root: int = 0) -> None:
 
 
 # ------------------------------------------------------------------ allgather
+@timeline.traced("allgather")
 def allgather(tensor: Any, *, name: str | None = None) -> Any:
     """Concatenate every rank's tensor along dim 0, in rank order.
 
@@ -439,6 +445,7 @@ def allgather(tensor: Any, *, name: str | None = None) -> Any:
     return back(cuda_ops.backend_for(runtime._require(), x, "allgather").allgather(x, name))
 
 
+@timeline.traced("neighbor_allgather")
 def neighbor_allgather(tensor: Any, *, name: str | None = None) -> Any:
     """Concatenate the in-neighbours' tensors (ascending rank, this rank excluded) on dim 0.
 
@@ -455,6 +462,7 @@ def neighbor_allgather(tensor: Any, *, name: str | None = None) -> Any:
                                       state.topo_hash))
 
 
+@timeline.traced("barrier")
 def barrier() -> None:
     """Wait until every rank has called barrier() (bounded by the timeout)."""
     runtime._require().backend.barrier()

@@ -178,6 +178,10 @@ def shutdown() -> None:
     if _state is None:
         return
     state, _state = _state, None
+    from . import timeline
+
+    if timeline.enabled:
+        timeline.flush()
     from . import cuda_ops
 
     cuda_ops.teardown(state)

@@ -153,7 +153,8 @@ def flush() -> str | None:
         dropped = _dropped
         tid_names = dict(_tid_names)
     trace: list[dict[str, Any]] = [
-        {"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}},
+        {"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
+         "args": {"name": f"rank {rank}"}},
         {"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0,
          "args": {"sort_index": rank}},
     ]

@@ -177,7 +177,7 @@ def _ranks_map(obj: Any, what: str, op: str, w: _Window, allowed: Mapping[int, i
 
 
 # -------------------------------------------------------------- create / free
-@timeline.traced("win_create")
+@timeline.traced("win_create", phases=False)
 def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool:
     """Create window ``name`` for ``tensor`` on every rank (collective); returns True.
 
@@ -262,7 +262,7 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
     return True
 
 
-@timeline.traced("win_free")
+@timeline.traced("win_free", phases=False)
 def win_free(name: str | None = None) -> bool:
     """Free window ``name`` (or every window when ``None``); collective. Returns True."""
     runtime._require()
@@ -368,7 +368,7 @@ def _expose(w: _Window, flat: torch.Tensor, MPI: Any) -> int:
     return w.exposed
 
 
-@timeline.traced("win_put")
+@timeline.traced("win_put", phases=False)
 def win_put(tensor: torch.Tensor, name: str, *, self_weight: float | None = None,
             dst_weights: Mapping[int, float] | None = None) -> torch.Tensor:
     """Write ``dst_weights[j] * tensor`` into this rank's slot on every out-neighbour ``j``.
@@ -382,7 +382,7 @@ def win_put(tensor: torch.Tensor, name: str, *, self_weight: float | None = None
     return _write(tensor, name, self_weight, dst_weights, "win_put", False)
 
 
-@timeline.traced("win_accumulate")
+@timeline.traced("win_accumulate", phases=False)
 def win_accumulate(tensor: torch.Tensor, name: str, *, self_weight: float | None = None,
                    dst_weights: Mapping[int, float] | None = None) -> torch.Tensor:
     """Add ``dst_weights[j] * tensor`` into this rank's slot on every out-neighbour ``j``.
@@ -394,7 +394,7 @@ def win_accumulate(tensor: torch.Tensor, name: str, *, self_weight: float | None
 
 
 # ------------------------------------------------------------------------ get
-@timeline.traced("win_get")
+@timeline.traced("win_get", phases=False)
 def win_get(name: str, *, src_weights: Mapping[int, float] | None = None) -> bool:
     """Fetch each in-neighbour ``j``'s own value (its slot 0) into slot ``j`` here.
 
@@ -438,7 +438,7 @@ def win_get(name: str, *, src_weights: Mapping[int, float] | None = None) -> boo
 
 
 # --------------------------------------------------------------------- update
-@timeline.traced("win_update")
+@timeline.traced("win_update", phases=False)
 def win_update(name: str, *, self_weight: float | None = None,
                neighbor_weights: Mapping[int, float] | None = None, reset: bool = False,
                clone: bool = False) -> torch.Tensor:

@@ -26,16 +26,19 @@ over n virtual nodes in one process with :mod:`decomm.sim`.
 """
 
 from ._base import DecentralizedOptimizer, Mix
+from .async_gossip import AsyncGossip
 from .comm import Communicator, Handle, LocalCommunicator, MPICommunicator
 from .d2 import D2
 from .dsgd import DSGD
 from .gradient_tracking import GradientTracking
 from .monitor import consensus_distance
+from .push_sum import PushSum
 from .qgm import QGDSGDm
 
 __all__ = [
     "D2",
     "DSGD",
+    "AsyncGossip",
     "Communicator",
     "DecentralizedOptimizer",
     "GradientTracking",
@@ -43,6 +46,7 @@ __all__ = [
     "LocalCommunicator",
     "MPICommunicator",
     "Mix",
+    "PushSum",
     "QGDSGDm",
     "consensus_distance",
 ]

@@ -150,7 +150,7 @@ def test_weight_overrides():
     topo = T.RingGraph(M)
     H.set_machine_topology(topo)
     shape = (4,)
-    means, mo = machine_means(n, L, shape)
+    means, _mo = machine_means(n, L, shape)
     # self_weight + src_machine_weights: an in-neighbour subset, the others weigh 0
     ins = H.machine_in_neighbors()
     src = {j: 0.25 for j in ins[:1]}
@@ -187,6 +187,8 @@ def test_env_var_grouping():
 
 def test_shared_memory_grouping_is_one_machine_here():
     """Without an override every rank of this single-host job is on machine 0."""
+    if decomm.local_size() != decomm.size():
+        pytest.skip("the job spans several hosts")
     old = os.environ.pop("DECOMM_LOCAL_SIZE", None)
     try:
         H.init_machines()

@@ -10,6 +10,7 @@ recursion.
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_sgp_matches_numpy_recursion(custom):
     if custom:
         rng = np.random.default_rng(5)
         Ps = []
-        for k in range(3):  # time-varying dense column-stochastic matrices
+        for _k in range(3):  # time-varying dense column-stochastic matrices
             P = rng.random((n, n)) + 0.05
             Ps.append(P / P.sum(axis=0, keepdims=True))
         P_of_t = lambda t: Ps[t % 3]  # noqa: E731

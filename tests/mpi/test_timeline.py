@@ -119,7 +119,7 @@ def test_nonblocking_op_on_its_own_lane(tl):
     h3 = decomm.neighbor_allreduce_nonblocking(x, name="nb3")
     h3.wait()
     evs = load(timeline.flush())
-    nb3 = [e for e in evs if e["cat"] == "op" and e["args"]["name"] == "nb3"][0]
+    nb3 = next(e for e in evs if e["cat"] == "op" and e["args"]["name"] == "nb3")
     assert nb3["tid"] == timeline.ASYNC_LANE_BASE
 
 
@@ -161,7 +161,7 @@ def test_timestamps_align_across_ranks(tl):
     x = torch.ones(4)
     decomm.allreduce(x, name="sync")
     evs = load(timeline.stop())
-    op = [e for e in evs if e["cat"] == "op" and e["args"]["name"] == "sync"][0]
+    op = next(e for e in evs if e["cat"] == "op" and e["args"]["name"] == "sync")
     span = torch.tensor([op["ts"], op["ts"] + op["dur"]], dtype=torch.float64)
     spans = decomm.allgather(span.reshape(1, 2))
     # every rank's allreduce overlaps every other rank's (they wait for each other)

@@ -270,7 +270,7 @@ def test_async_gossip_averages_and_trains_with_uneven_speeds():
     p = torch.nn.Parameter(_quadratic_target(r).clone())
     opt = AsyncGossip(torch.optim.SGD([p], lr=0.0), broadcast_parameters=False)
     assert len(opt.window_names) == 1
-    for k in range(60 + 20 * r):  # ranks take different numbers of steps
+    for _k in range(60 + 20 * r):  # ranks take different numbers of steps
         p.grad = torch.zeros_like(p)
         opt.step()
         if r % 2:

@@ -135,12 +135,15 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     if check is None:
         check = os.environ.get("DECOMM_CHECK", "1") != "0"
     world = comm if comm is not None else MPI.COMM_WORLD
-    # Non-blocking ops progress on a background thread (measured in
-    # benchmarks/results/overlap.md); DECOMM_PROGRESS_THREAD=0 progresses them
-    # inside wait()/poll() instead.
-    progress = os.environ.get("DECOMM_PROGRESS_THREAD", "1") != "0"
-    be = _C.MpiBackend(world.py2f(), float(timeout), bool(check), progress)
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    # A background thread progresses non-blocking ops only when the node has a core to
+    # spare for it: with every core busy it slowed overlapped work down
+    # (benchmarks/results/overlap.md). DECOMM_PROGRESS_THREAD=1/0 forces either way;
+    # without the thread, ops progress inside wait()/poll().
+    spare_core = local.Get_size() < (os.cpu_count() or 1)
+    raw = os.environ.get("DECOMM_PROGRESS_THREAD", "")
+    progress = spare_core if raw == "" else raw != "0"
+    be = _C.MpiBackend(world.py2f(), float(timeout), bool(check), progress)
     topo = ExponentialGraph(world.Get_size())
     _state = _State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),
                     local_rank=local.Get_rank(), local_size=local.Get_size(),

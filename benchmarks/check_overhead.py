@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mpi_launch import run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,14 +83,9 @@ def main() -> int:
     if args.worker:
         worker(args.out, args.reps, args.iters)
         return 0
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    mpirun = Path(sys.executable).parent / "mpirun"
     print(f"[bench] consistency-check overhead on {args.np} ranks", flush=True)
-    cmd = [str(mpirun), "-np", str(args.np), "--oversubscribe", "--bind-to", "none",
-           sys.executable, __file__, "--worker", "--out", args.out, "--reps", str(args.reps),
-           "--iters", str(args.iters)]
-    return subprocess.run(cmd, env=env).returncode
+    return run_workers(__file__, args.np, ["--out", args.out, "--reps", str(args.reps),
+                                           "--iters", str(args.iters)])
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mpi_launch import run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20]
@@ -115,17 +116,13 @@ def driver(configs: list[tuple[int, int]], reps: int, out_md: Path) -> int:
     import tempfile
 
     sys.path.insert(0, str(ROOT))
-    mpirun = Path(sys.executable).parent / "mpirun"
     results = []
     for n, L in configs:
-        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                   OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DECOMM_LOCAL_SIZE=str(L))
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             path = f.name
         print(f"[bench] hierarchical vs flat on {n} ranks, {n // L} machines of {L}", flush=True)
-        cmd = [str(mpirun), "-np", str(n), "--oversubscribe", "--bind-to", "none",
-               sys.executable, __file__, "--worker", "--json", path, "--reps", str(reps)]
-        rc = subprocess.run(cmd, env=env).returncode
+        rc = run_workers(__file__, n, ["--json", path, "--reps", str(reps)],
+                         DECOMM_LOCAL_SIZE=str(L))
         if rc != 0:
             print(f"[bench] mpirun -np {n} failed with exit code {rc}", flush=True)
             return rc

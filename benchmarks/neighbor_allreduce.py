@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mpi_launch import run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
@@ -108,18 +109,13 @@ def worker(out_path: str | None, reps: int) -> None:
 def driver(nps: list[int], reps: int, out_md: Path) -> int:
     import tempfile
 
-    mpirun = Path(sys.executable).parent / "mpirun"
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     results = []
     for n in nps:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             path = f.name
         print(f"[bench] neighbor_allreduce on {n} ranks (ring), sizes "
               f"{', '.join(human(s) for s in SIZES)}", flush=True)
-        cmd = [str(mpirun), "-np", str(n), "--oversubscribe", "--bind-to", "none",
-               sys.executable, __file__, "--worker", "--json", path, "--reps", str(reps)]
-        rc = subprocess.run(cmd, env=env).returncode
+        rc = run_workers(__file__, n, ["--json", path, "--reps", str(reps)])
         if rc != 0:
             print(f"[bench] mpirun -np {n} failed with exit code {rc}", flush=True)
             return rc

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mpi_launch import run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [1 << 20, 16 << 20]
@@ -93,18 +94,14 @@ def main() -> int:
     if args.worker:
         worker(args.json, args.reps)
         return 0
-    mpirun = Path(sys.executable).parent / "mpirun"
     results = {}
     for mode in ("1", "0"):
         label = "progress thread" if mode == "1" else "progress in wait() only"
         print(f"[bench] overlap on {args.np} ranks, {label}", flush=True)
-        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                   OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), DECOMM_PROGRESS_THREAD=mode)
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             path = f.name
-        cmd = [str(mpirun), "-np", str(args.np), "--oversubscribe", "--bind-to", "none",
-               sys.executable, __file__, "--worker", "--json", path, "--reps", str(args.reps)]
-        rc = subprocess.run(cmd, env=env).returncode
+        rc = run_workers(__file__, args.np, ["--json", path, "--reps", str(args.reps)],
+                         DECOMM_PROGRESS_THREAD=mode)
         if rc:
             return rc
         results[label] = json.loads(Path(path).read_text())

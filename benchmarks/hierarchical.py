@@ -23,10 +23,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from mpi_launch import run_workers
+from mpi_launch import median_call_time, run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20]
@@ -57,7 +56,6 @@ def analysis(n: int, L: int) -> dict:
 
 
 def worker(out_path: str | None, reps: int) -> None:
-    import numpy as np
     import torch
     from mpi4py import MPI
 
@@ -74,14 +72,7 @@ def worker(out_path: str | None, reps: int) -> None:
     H.set_machine_topology(ExponentialGraph(H.machine_size()))
 
     def timed(fn, iters: int) -> float:
-        samples = []
-        for _ in range(reps):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            samples.append((time.perf_counter() - t0) / iters)
-        return comm.allreduce(float(np.median(samples)), op=MPI.MAX)
+        return median_call_time(comm, fn, iters, reps)
 
     rows = []
     for nbytes in SIZES:

@@ -1,11 +1,14 @@
-"""How the benchmark drivers start their own worker processes under mpirun."""
+"""Shared by the benchmark scripts: starting worker ranks under mpirun, timing calls."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,3 +26,19 @@ def run_workers(script: str, n: int, worker_args: list[str], **env_extra: str) -
     cmd = [str(mpirun), "-np", str(n), "--oversubscribe", "--bind-to", "none",
            sys.executable, script, "--worker", *worker_args]
     return subprocess.run(cmd, env=env).returncode
+
+
+def median_call_time(comm: Any, fn: Callable[[], None], iters: int, reps: int) -> float:
+    """Seconds per call of ``fn``: median over ``reps`` barrier-aligned repetitions of
+    ``iters`` calls, then the maximum over the ranks of ``comm`` (an mpi4py communicator)."""
+    import numpy as np
+    from mpi4py import MPI
+
+    samples = []
+    for _ in range(reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        samples.append((time.perf_counter() - t0) / iters)
+    return comm.allreduce(float(np.median(samples)), op=MPI.MAX)

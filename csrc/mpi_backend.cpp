@@ -511,21 +511,13 @@ class NeighborAllgatherOp : public Op {
     return os.str();
   }
 
-  void abandon_all() {
+  void abandon_requests() override {
     for (auto* v : {&hdr_reqs_, &data_reqs_, &send_reqs_})
       for (auto& r : *v)
         if (r != MPI_REQUEST_NULL) {
           MPI_Cancel(&r);
           MPI_Request_free(&r);
         }
-  }
-
- public:
-  ~NeighborAllgatherOp() override = default;
-  bool advance_all() {
-    bool done = advance();
-    if (done && !error_.empty()) abandon_all();
-    return done;
   }
 
  private:
@@ -759,7 +751,7 @@ at::Tensor MpiBackend::neighbor_allgather(const at::Tensor& x, const std::vector
   Header hdr = make_header(kNeighborAllgather, p2p_seq_++, x, name, round, topo_hash);
   auto op = std::make_shared<NeighborAllgatherOp>(this, x, src, dst, name, hdr);
   op->post();
-  while (!op->advance_all()) sched_yield();
+  run(*op);
   if (timeline()) tl_last_times = op->times();
   if (!op->error().empty()) {
     bury(op);

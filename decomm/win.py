@@ -30,7 +30,8 @@ so a local :func:`win_update` never sees a half-written slot. No rank ever holds
 two locks at once (no lock-order deadlock). Every value carries a version (an int64
 before the data in each slot, bumped whenever a rank's own value changes), so a
 :func:`win_get` whose fetch raced with a newer :func:`win_put` from the same
-neighbour never overwrites it (the soak test caught that race under ``osc/rdma``).
+neighbour never overwrites it with the older value (the soak test caught that race
+under ``osc/rdma``); it fetches again instead.
 
 Measured on this host (2 ranks; the target sleeps 1 s in Python, making no MPI call):
 a 1 MB ``win_put`` completes in 0.14 ms (``osc/sm``) / 0.66 ms (``osc/rdma`` over TCP),
@@ -394,13 +395,42 @@ def win_accumulate(tensor: torch.Tensor, name: str, *, self_weight: float | None
 
 
 # ------------------------------------------------------------------------ get
+#: How often :func:`win_get` re-fetches from a neighbour whose newer :func:`win_put`
+#: landed in the slot while the fetch was in flight (see ``win_get``).
+_GET_ATTEMPTS = 4
+
+
+def _fetch(w: _Window, j: int, MPI: Any) -> tuple[int, torch.Tensor]:
+    """(version, value) of rank ``j``'s own slot, read in one shared-lock epoch."""
+    hdr = np.zeros(1, dtype=np.int64)
+    tmp = torch.empty(w.numel, dtype=w.dtype)
+    w.win.Lock(j, MPI.LOCK_SHARED)
+    try:
+        w.win.Get([hdr, MPI.BYTE], j, target=(0, 8, MPI.BYTE))
+        if w.nbytes:
+            w.win.Get([_bytes(tmp), MPI.BYTE], j, target=(8, w.nbytes, MPI.BYTE))
+    finally:
+        w.win.Unlock(j)
+    return int(hdr[0]), tmp
+
+
 @timeline.traced("win_get", phases=False)
 def win_get(name: str, *, src_weights: Mapping[int, float] | None = None) -> bool:
-    """Fetch each in-neighbour ``j``'s own value (its slot 0) into slot ``j`` here.
+    """Set slot ``j`` here to ``src_weights[j] * x_j``, ``x_j`` being ``j``'s own value.
 
-    ``src_weights`` (default ``{j: 1}`` over the in-neighbours of the current round
-    of the window's topology) scales what is stored. One-sided: ``j`` makes no call.
-    Returns True.
+    ``x_j`` is what ``j`` exposes in its slot 0 when the fetch runs (its last
+    :func:`win_put` / :func:`win_accumulate` tensor or :func:`win_update` result).
+    The slot is overwritten whatever it held before (an earlier put or get, or zeros
+    after ``win_update(reset=True)``), so the weight always applies to what is stored.
+    ``src_weights`` defaults to ``{j: 1}`` over the in-neighbours of the current round
+    of the window's topology. One-sided: ``j`` makes no call. Returns True.
+
+    Race with a put: if a :func:`win_put` from ``j`` carrying a newer value of ``j``
+    than the one fetched lands in the slot while the fetch is in flight, the fetched
+    value is stale; it is dropped and ``j`` is fetched again, so the slot ends up
+    holding ``src_weights[j]`` times that newer value. Only if ``j`` keeps outrunning
+    the fetch (``_GET_ATTEMPTS`` times in a row) does the slot keep ``j``'s put, which
+    is newer than anything fetched.
     """
     w = _get(name, "win_get")
     if src_weights is None:
@@ -411,29 +441,30 @@ def win_get(name: str, *, src_weights: Mapping[int, float] | None = None) -> boo
         return True
     MPI = _mpi()
     with w.lock:
-        got = {}
-        with timeline.phase("get", sources=len(src)):
-            for j in sorted(src):
-                hdr = np.zeros(1, dtype=np.int64)
-                tmp = torch.empty(w.numel, dtype=w.dtype)
-                w.win.Lock(j, MPI.LOCK_SHARED)
-                try:
-                    w.win.Get([hdr, MPI.BYTE], j, target=(0, 8, MPI.BYTE))
-                    if w.nbytes:
-                        w.win.Get([_bytes(tmp), MPI.BYTE], j, target=(8, w.nbytes, MPI.BYTE))
-                finally:
-                    w.win.Unlock(j)
-                got[j] = (int(hdr[0]), tmp if src[j] == 1.0 else tmp.mul_(src[j]))
-        w.win.Lock(w.rank, MPI.LOCK_EXCLUSIVE)
-        try:
-            for j, (seq, tmp) in got.items():
-                k = w.slot_of[j]
-                # A put from j that landed while we were fetching is newer: keep it.
-                if seq > int(w.seqs[k]):
-                    w.data[k].copy_(tmp)
+        pending = sorted(src)
+        for _attempt in range(_GET_ATTEMPTS):
+            with timeline.phase("get", sources=len(pending)):
+                got = {j: _fetch(w, j, MPI) for j in pending}
+            stale = []
+            w.win.Lock(w.rank, MPI.LOCK_EXCLUSIVE)
+            try:
+                for j, (seq, tmp) in got.items():
+                    k = w.slot_of[j]
+                    # Versions of j only grow, and j exposes a value before putting it,
+                    # so seq < slot version means a put from j landed after the fetch
+                    # read j: a newer value of j than the fetched one. Equal versions are
+                    # the same value of j: overwrite (the slot may hold it with another
+                    # weight, or zeros after a reset).
+                    if seq < int(w.seqs[k]):
+                        stale.append(j)
+                        continue
+                    w.data[k].copy_(tmp if src[j] == 1.0 else tmp.mul_(src[j]))
                     w.seqs[k].fill_(seq)
-        finally:
-            w.win.Unlock(w.rank)
+            finally:
+                w.win.Unlock(w.rank)
+            if not stale:
+                break
+            pending = stale
     return True
 
 
@@ -449,7 +480,8 @@ def win_update(name: str, *, self_weight: float | None = None,
     give both or neither. ``reset=True`` zeroes the slots used (accumulate-style
     protocols). The result is written into the registered tensor (and this rank's
     own slot) and returned; with ``clone=True`` it is returned as a new tensor and
-    nothing is modified. Purely local: no other rank is involved.
+    neither the registered tensor nor this rank's own slot changes (``reset=True``
+    still zeroes the slots used). Purely local: no other rank is involved.
     """
     from . import _C
 

@@ -115,6 +115,113 @@ def test_get_fetches_neighbours_current_value():
     decomm.barrier()
 
 
+def _slot(name: str, j: int) -> torch.Tensor:
+    """What slot ``j`` holds on this rank (a clone-only update reading just that slot)."""
+    return W.win_update(name, self_weight=0.0, neighbor_weights={j: 1.0}, clone=True)
+
+
+def test_get_weight_applies_whatever_the_slot_held():
+    """slot_j = src_weights[j] * x_j after win_get, even when x_j's version is unchanged."""
+    n, r = decomm.size(), decomm.rank()
+    decomm.set_topology(T.RingGraph(n))
+    x = value(r).clone()
+    W.win_create(x, "gw")  # slot j already holds x_j (same version j exposes)
+    decomm.barrier()
+    ins = W.win_in_neighbors("gw")
+    W.win_get("gw", src_weights={j: 1.23 for j in ins})
+    for j in ins:
+        assert torch.allclose(_slot("gw", j), 1.23 * value(j), rtol=0, atol=1e-12)
+    # a put of the same version with another weight, then a get: the get's weight wins
+    decomm.barrier()
+    W.win_put(value(r) * 3, "gw", dst_weights={j: 0.5 for j in W.win_out_neighbors("gw")})
+    decomm.barrier()
+    for j in ins:
+        assert torch.allclose(_slot("gw", j), 1.5 * value(j), rtol=0, atol=1e-12)
+    W.win_get("gw", src_weights={j: 2.0 for j in ins})
+    for j in ins:
+        assert torch.allclose(_slot("gw", j), 6.0 * value(j), rtol=0, atol=1e-12)
+    W.win_get("gw")  # default weight 1 over the ring's in-neighbours
+    for j in ins:
+        assert torch.allclose(_slot("gw", j), 3.0 * value(j), rtol=0, atol=1e-12)
+    decomm.barrier()
+
+
+@pytest.mark.parametrize("how", ["clone", "collect"])
+def test_get_after_reset_fetches_the_neighbours_value(how):
+    """win_update(reset=True) zeroes the slots; a later get refills them with x_j."""
+    n, r = decomm.size(), decomm.rank()
+    decomm.set_topology(T.RingGraph(n))
+    x = value(r).clone()
+    W.win_create(x, "gr")
+    decomm.barrier()
+    ins = W.win_in_neighbors("gr")
+    if how == "clone":  # nobody's own value changes: x_j keeps the version slot j holds
+        W.win_update("gr", reset=True, clone=True)
+        xs = {j: value(j) for j in ins}
+        reset = True
+    else:  # push-sum style: everybody puts 2 x_j (a new version), the even ranks collect
+        topo = T.RingGraph(n)
+        W.win_put(value(r) * 2, "gr", dst_weights={j: 1.0 for j in W.win_out_neighbors("gr")})
+        decomm.barrier()
+        reset = r % 2 == 0
+        if reset:  # x_r <- x_r + sum of the slots (a new own value, newer version)
+            W.win_update_then_collect("gr")
+
+        def now(j):  # j's own value after this phase
+            if j % 2:  # its last put: same version as the slot here, which a reset zeroed
+                return 2 * value(j)
+            return value(j) + sum(2 * value(k) for k in topo.in_neighbors(j, 0))
+
+        xs = {j: now(j) for j in ins}
+    if reset:
+        for j in ins:
+            assert torch.equal(_slot("gr", j), torch.zeros(6, dtype=torch.float64))
+    decomm.barrier()  # every rank has reset before anyone's own value changes again
+    W.win_get("gr")
+    for j in ins:
+        assert torch.allclose(_slot("gr", j), xs[j], rtol=0, atol=1e-12)
+    decomm.barrier()
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_get_that_raced_a_newer_put_fetches_again(monkeypatch, always):
+    """A fetch that read j before j's put (which then landed here) is stale: fetch again.
+
+    The race is made deterministic by replaying an old version of j for the first
+    ``outrun`` fetches: j puts 0.5 * (3 x_j) (version 2), then this rank's get with
+    weight 2 must store 2 * 3 x_j; if every attempt is stale it keeps the put.
+    """
+    outrun = W._GET_ATTEMPTS if always else 1
+    n, r = decomm.size(), decomm.rank()
+    decomm.set_topology(T.RingGraph(n))
+    x = value(r).clone()
+    W.win_create(x, "gx")
+    decomm.barrier()
+    W.win_put(value(r) * 3, "gx", dst_weights={j: 0.5 for j in W.win_out_neighbors("gx")})
+    decomm.barrier()
+    ins = W.win_in_neighbors("gx")
+    real = W._fetch
+    calls = {j: 0 for j in ins}
+
+    def fetch(w, j, MPI):
+        calls[j] += 1
+        seq, got = real(w, j, MPI)
+        assert seq == 2 and torch.equal(got, 3 * value(j))
+        return (1, value(j).clone()) if calls[j] <= outrun else (seq, got)
+
+    monkeypatch.setattr(W, "_fetch", fetch)
+    W.win_get("gx", src_weights={j: 2.0 for j in ins})
+    monkeypatch.undo()
+    for j in ins:
+        if outrun < W._GET_ATTEMPTS:
+            assert calls[j] == outrun + 1
+            assert torch.allclose(_slot("gx", j), 6.0 * value(j), rtol=0, atol=1e-12)
+        else:
+            assert calls[j] == W._GET_ATTEMPTS
+            assert torch.allclose(_slot("gx", j), 1.5 * value(j), rtol=0, atol=1e-12)
+    decomm.barrier()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes_and_shapes(dtype):
     n, r = decomm.size(), decomm.rank()

@@ -20,11 +20,19 @@ What it adds, and when:
 * ``-x OMP_NUM_THREADS=1`` (and MKL / OpenBLAS) when oversubscribed, unless the user
   already set that variable: 25 ranks each running a 2-thread BLAS on 2 cores
   thrash badly;
+* ``-x OMPI_MCA_osc=^ucx`` (Open MPI) unless ``OMPI_MCA_osc`` is already set in the
+  environment, by ``-x`` or by ``--mpi-args "--mca osc ..."``: Open MPI's UCX
+  one-sided component prints an ``Error`` line at every ``win_create`` on machines
+  without UCX-capable hardware; without it, MPI windows use Open MPI's own
+  ``rdma`` / ``sm`` components;
 * every ``-x VAR`` / ``-x VAR=VALUE`` the user gave.
 
 The full ``mpirun`` line is printed (shell-quoted) to stderr before it runs;
 ``--dry-run`` prints it and exits. The exit status of ``mpirun`` is returned; if
 it dies from a signal, the status is ``128 + signal`` as a shell would report.
+SIGINT, SIGTERM and SIGHUP sent to ``decomm-run`` are passed on to ``mpirun`` (which
+stops the ranks), and the status is then ``128 + signal`` (130 after SIGINT), like
+any interrupted command.
 MPICH's ``mpiexec`` (Hydra) is recognised too; it gets ``-genv`` instead of ``-x``
 and none of the Open MPI-only flags.
 """
@@ -38,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +65,19 @@ __all__ = [
 
 #: Thread-count variables forced to 1 when ranks are oversubscribed.
 THREAD_VARS: tuple[str, ...] = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+#: Open MPI one-sided (osc) components for the ranks unless the user chose: every
+#: component but UCX, whose query prints "Error: OSC UCX component priority set inside
+#: component query failed" at each MPI_Win_create where UCX has no usable transport.
+OSC_VAR, OSC_DEFAULT = "OMPI_MCA_osc", "^ucx"
+
+#: Signals passed on to mpirun, which stops the ranks and cleans up.
+FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+#: Seconds to wait before passing on a SIGINT/SIGHUP that the terminal may have sent to
+#: the whole foreground process group (mpirun included): a second SIGINT makes
+#: Open MPI print "Abort is in progress" and abort without its orderly shutdown.
+TERMINAL_GRACE_S = 3.0
 
 
 class LauncherError(RuntimeError):
@@ -142,6 +164,16 @@ def _split_export(item: str) -> tuple[str, str | None]:
     return name, (value if sep else None)
 
 
+def _osc_chosen(env: Mapping[str, str], exports: Sequence[tuple[str, str | None]],
+                mpi_args: str | None) -> bool:
+    """True when the user already picked Open MPI's one-sided components."""
+    if OSC_VAR in env or any(name == OSC_VAR for name, _ in exports):
+        return True
+    extra = shlex.split(mpi_args) if mpi_args else []
+    return any(a in ("--mca", "-mca", "--gmca", "-gmca") and b == "osc"
+               for a, b in zip(extra, extra[1:]))
+
+
 def build_plan(
     args: argparse.Namespace,
     mpirun: str,
@@ -192,8 +224,12 @@ def build_plan(
         for var in THREAD_VARS:
             if var not in env:
                 exports.append((var, "1"))
-    for item in args.export or []:
-        exports.append(_split_export(item))
+    user_exports = [_split_export(item) for item in args.export or []]
+    if openmpi and not _osc_chosen(env, user_exports, args.mpi_args):
+        exports.append((OSC_VAR, OSC_DEFAULT))
+        notes.append(f"{OSC_VAR}={OSC_DEFAULT}: MPI windows use Open MPI's rdma/sm "
+                     "one-sided components (set OMPI_MCA_osc to choose others)")
+    exports += user_exports
     for name, value in exports:
         if openmpi:  # `-x VAR` alone: Open MPI copies the value from the environment
             cmd += ["-x", name if value is None else f"{name}={value}"]
@@ -255,37 +291,85 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _terminal_foreground() -> bool:
+    """True when this process group is the foreground group of our controlling terminal
+    (so a Ctrl-C typed there reaches every process of the group)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _same_group_on_terminal(pid: int) -> bool:
+    """True when a terminal-generated signal aimed at us reached ``pid`` as well."""
+    try:
+        return os.getpgid(pid) == os.getpgrp() and _terminal_foreground()
+    except OSError:
+        return False
+
+
 def _run(argv: list[str]) -> int:
-    """Run ``argv``; relay SIGTERM/SIGHUP to it; return its shell-style exit status."""
+    """Run ``argv``, pass SIGINT/SIGTERM/SIGHUP on to it, return a shell-style status.
+
+    After such a signal the status is ``128 + signal`` (130 for SIGINT) whatever
+    mpirun itself returns (Open MPI exits 1 when interrupted), so that shells and
+    scripts see an interrupted command. A SIGINT or SIGHUP that may have come from
+    the terminal (we are in its foreground process group and so is mpirun: it got
+    the same signal) is passed on only if mpirun is still running
+    :data:`TERMINAL_GRACE_S` seconds later.
+    """
     try:
         proc = subprocess.Popen(argv)
     except OSError as exc:
         print(f"decomm-run: cannot start {argv[0]}: {exc}", file=sys.stderr)
         return 127
-    previous: dict[int, object] = {}
+    received: list[int] = []
+    deferred: list[tuple[float, int]] = []  # (when, signal) still to pass on
+
+    def send(signum: int) -> None:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
 
     def relay(signum: int, _frame: object) -> None:
-        # SIGTERM/SIGHUP sent to decomm-run alone would never reach mpirun; pass them
-        # on so that mpirun stops the ranks and reports how they ended.
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        # Signals sent to decomm-run alone (kill PID, a batch system, a supervisor)
+        # would never reach mpirun: pass them on so that it stops the ranks.
+        received.append(signum)
+        if signum != signal.SIGTERM and _same_group_on_terminal(proc.pid):
+            deferred.append((time.monotonic() + TERMINAL_GRACE_S, signum))
+        else:
+            send(signum)
 
-    handlers = {signal.SIGTERM: relay, signal.SIGHUP: relay,
-                # Ctrl-C reaches mpirun through the terminal's process group already;
-                # a second SIGINT from us would make Open MPI abort without cleanup.
-                signal.SIGINT: signal.SIG_IGN}
+    previous: dict[int, object] = {}
     try:
-        for sig, handler in handlers.items():
-            previous[sig] = signal.signal(sig, handler)
+        for sig in FORWARDED_SIGNALS:
+            previous[sig] = signal.signal(sig, relay)
     except ValueError:  # not the main thread: leave signal handling alone
         pass
     try:
-        returncode = proc.wait()
+        while True:
+            try:
+                returncode = proc.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            for item in [d for d in deferred if d[0] <= now]:
+                deferred.remove(item)
+                send(item[1])
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
+    if received:
+        return 128 + int(received[0])
     return _exit_status(returncode)
 
 

@@ -32,7 +32,11 @@ profiler is recording, so decomm shows up in ``torch.profiler`` traces too
 
 Cost when off: ops decorated with :func:`traced` pay one Python call and two
 attribute checks (``benchmarks/results/timeline_overhead.md``). The files are
-written at :func:`flush`, :func:`stop` and at interpreter exit.
+written at :func:`flush`, :func:`stop`, :func:`decomm.shutdown` and at interpreter
+exit. With ``DECOMM_TIMELINE`` alone, the exit-time write happens only in a process
+that joined the job (called ``decomm.init()``): every process that imports decomm
+sees the variable, including ``decomm-run`` itself, which would otherwise replace
+rank 0's file with an empty trace when it exits after the ranks.
 
 User code can add its own spans to the same file with :func:`activity`::
 
@@ -48,6 +52,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -87,6 +92,8 @@ _tids: dict[int, int] = {}
 _tid_names: dict[int, str] = {}
 _lanes_busy: set[int] = set()
 _atexit_registered = False
+_from_env = False  # started by DECOMM_TIMELINE at import, not by a call to start()
+_joined = False  # this process has seen an initialised decomm runtime (or wrote a file)
 _local = threading.local()
 
 _now = time.monotonic_ns  # CLOCK_MONOTONIC, the clock of the C++ steady_clock
@@ -100,10 +107,11 @@ def start(prefix: str) -> None:
     (``"/tmp/tl/run1-"``); missing directories are created at flush time.
     Calling it again with another prefix keeps the events and changes the file.
     """
-    global enabled, _prefix, _atexit_registered
+    global enabled, _prefix, _atexit_registered, _from_env
     if not isinstance(prefix, (str, os.PathLike)) or not str(prefix):
         raise ValueError(f"timeline prefix must be a non-empty path string, got {prefix!r}")
     _prefix = str(prefix)
+    _from_env = False  # an explicit call: this process wants its file
     enabled = True
     _arm(True)
     if not _atexit_registered:
@@ -143,8 +151,10 @@ def events() -> list[dict[str, Any]]:
 
 def flush() -> str | None:
     """Write every event recorded so far to :func:`path` (rewriting it); return the path."""
+    global _joined
     if _prefix is None:
         return None
+    _joined = True  # written once (e.g. by decomm.shutdown): rewrite it at exit too
     out = path()
     assert out is not None
     rank = _my_rank()
@@ -189,9 +199,21 @@ def register_backend(backend: Any) -> None:
 
 
 def _at_exit() -> None:
-    if enabled and _prefix is not None:
-        with contextlib.suppress(Exception):
-            flush()
+    if not enabled or _prefix is None:
+        return
+    if _from_env and not (_joined or _runtime_initialized()):
+        # DECOMM_TIMELINE reached a process that never joined the job (decomm-run, a
+        # helper script): it has no trace, and its "rank" (0 by default) would
+        # overwrite a real rank's file.
+        return
+    with contextlib.suppress(Exception):
+        flush()
+
+
+def _runtime_initialized() -> bool:
+    """True when this process has called ``decomm.init()`` (and not yet shut down)."""
+    mod = sys.modules.get(f"{__package__}.runtime")
+    return getattr(mod, "_state", None) is not None
 
 
 def _arm(on: bool) -> None:
@@ -233,8 +255,12 @@ def _core() -> Any:
 
 
 def _runtime_backend() -> Any:
+    global _joined
     st = _runtime()._state
-    return None if st is None else st.backend
+    if st is None:
+        return None
+    _joined = True
+    return st.backend
 
 
 def _my_rank() -> int:
@@ -522,6 +548,7 @@ def _reset_for_tests() -> None:
 _env = os.environ.get("DECOMM_TIMELINE", "")
 if _env:
     start(_env)
+    _from_env = True
 
 
 def _ensure_ops_instrumented() -> list[str]:

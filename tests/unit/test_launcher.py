@@ -6,16 +6,21 @@ in a single process without MPI.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from decomm import launcher
 from decomm._version import __version__
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def _plan(argv: list[str], *, cpus: int = 2, uid: int = 1000, env: dict | None = None,
@@ -42,7 +47,8 @@ def _fake_mpirun(tmp_path: Path, body: str, version: str = "mpirun (Open MPI) 5.
 
 def test_plain_run_is_minimal() -> None:
     plan = _plan(["-np", "2", "python", "train.py", "--epochs", "3"], cpus=4)
-    assert plan.argv == ["/opt/mpi/bin/mpirun", "-np", "2", "python", "train.py", "--epochs", "3"]
+    assert plan.argv == ["/opt/mpi/bin/mpirun", "-x", "OMPI_MCA_osc=^ucx",
+                         "-np", "2", "python", "train.py", "--epochs", "3"]
     assert not plan.oversubscribed
 
 
@@ -62,7 +68,8 @@ def test_oversubscribed_adds_flags_and_single_thread_env() -> None:
 
 def test_exact_fit_is_not_oversubscribed() -> None:
     plan = _plan(["-np", "2", "python", "t.py"], cpus=2)
-    assert "--oversubscribe" not in plan.argv and "-x" not in plan.argv
+    assert "--oversubscribe" not in plan.argv
+    assert not any(a.startswith(launcher.THREAD_VARS) for a in plan.argv)
 
 
 def test_user_thread_setting_is_kept() -> None:
@@ -225,3 +232,221 @@ def test_real_mpirun_forwards_exit_code() -> None:
     rc = launcher.main(["--mpirun", real, "-np", "2", "--oversubscribe",
                         sys.executable, "-c", "import sys; sys.exit(7)"])
     assert rc == 7
+
+
+# ----------------------------------------------------------------------------- one-sided components
+
+
+def test_osc_ucx_is_excluded_unless_the_user_chose() -> None:
+    argv = _plan(["-np", "2", "python", "t.py"], cpus=4).argv
+    i = argv.index("OMPI_MCA_osc=^ucx")
+    assert argv[i - 1] == "-x" and i < argv.index("-np")  # an mpirun option, not the program's
+    chosen = [
+        _plan(["-np", "2", "python", "t.py"], cpus=4, env={"OMPI_MCA_osc": "sm"}).argv,
+        _plan(["-np", "2", "-x", "OMPI_MCA_osc=rdma", "python", "t.py"], cpus=4).argv,
+        _plan(["-np", "2", "--mpi-args", "--mca osc sm", "python", "t.py"], cpus=4).argv,
+        _plan(["-np", "2", "python", "t.py"], cpus=4, flavor="mpich").argv,  # not Open MPI
+    ]
+    for argv in chosen:
+        assert not any(a.startswith("OMPI_MCA_osc=^") for a in argv), argv
+    assert "OMPI_MCA_osc=rdma" in chosen[1]  # the user's own choice is kept
+
+
+def test_dry_run_shows_osc_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMPI_MCA_osc", raising=False)
+    fake = _fake_mpirun(tmp_path, "exit 9")
+    assert launcher.main(["--mpirun", str(fake), "--dry-run", "-np", "2", "python", "t.py"]) == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "-x 'OMPI_MCA_osc=^ucx' -np 2 python t.py" in line
+    monkeypatch.setenv("OMPI_MCA_osc", "sm")
+    assert launcher.main(["--mpirun", str(fake), "--dry-run", "-np", "2", "python", "t.py"]) == 0
+    assert "OMPI_MCA_osc" not in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _real_mpirun() -> str:
+    try:
+        return launcher.find_mpirun()
+    except launcher.LauncherError:
+        pytest.skip("no mpirun installed")
+
+
+def _launcher_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DECOMM_TIMELINE", "OMPI_MCA_osc")}
+    env.update(PYTHONPATH=str(ROOT), OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", **extra)
+    return env
+
+
+DECOMM_RUN = [sys.executable, "-m", "decomm.launcher"]
+
+
+@pytest.mark.timeout(120)
+def test_ranks_see_osc_setting(tmp_path: Path) -> None:
+    """End to end: the variable reaches the ranks' environment through mpirun."""
+    _real_mpirun()
+    code = "import os; print('osc=' + os.environ.get('OMPI_MCA_osc', '<unset>'))"
+    proc = subprocess.run([*DECOMM_RUN, "-np", "2", "--oversubscribe", sys.executable, "-c", code],
+                          env=_launcher_env(), capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["osc=^ucx", "osc=^ucx"]
+
+
+# ----------------------------------------------------------------------------- timeline
+
+
+@pytest.mark.timeout(180)
+def test_timeline_under_decomm_run_keeps_every_rank_trace(tmp_path: Path) -> None:
+    """DECOMM_TIMELINE=prefix with decomm-run: the launcher (which imports decomm but
+    never calls init) must not overwrite rank 0's trace when it exits after the ranks."""
+    _real_mpirun()
+    script = tmp_path / "tiny.py"
+    script.write_text(
+        "import torch, decomm\n"
+        "from decomm import timeline\n"
+        "decomm.init()\n"
+        "timeline._ensure_ops_instrumented()\n"
+        "decomm.set_topology(decomm.topology.RingGraph(decomm.size()))\n"
+        "for i in range(3):\n"
+        "    decomm.neighbor_allreduce(torch.ones(4), name=f'x{i}')\n"
+        "decomm.shutdown()\n"
+    )
+    prefix = tmp_path / "tl" / "rank"
+    proc = subprocess.run([*DECOMM_RUN, "-np", "2", "--oversubscribe", sys.executable, str(script)],
+                          env=_launcher_env(DECOMM_TIMELINE=str(prefix)), capture_output=True,
+                          text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        doc = json.loads(Path(f"{prefix}{rank}.json").read_text())
+        assert doc["otherData"]["rank"] == rank
+        ops = [e for e in doc["traceEvents"] if e.get("cat") == "op"]
+        assert [e["args"]["name"] for e in ops] == ["x0", "x1", "x2"]
+        assert {e["pid"] for e in ops} == {rank}
+
+
+# ----------------------------------------------------------------------------- signals
+
+SLEEPER = (
+    "import os, sys, time\n"
+    "rank = os.environ.get('OMPI_COMM_WORLD_RANK', os.environ.get('PMI_RANK', 'x'))\n"
+    "path = os.path.join(sys.argv[1], f'pid{rank}')\n"
+    "open(path + '.tmp', 'w').write(str(os.getpid()))\n"
+    "os.replace(path + '.tmp', path)\n"
+    "time.sleep(300)\n"
+)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_for_ranks(pid_dir: Path, proc: subprocess.Popen, n: int,
+                    timeout: float = 90) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sorted(pid_dir.glob("pid[0-9]*"))
+        if len(files) == n:
+            return [int(f.read_text()) for f in files]
+        assert proc.poll() is None, "decomm-run ended before the ranks started"
+        time.sleep(0.2)
+    raise AssertionError(f"the {n} ranks did not start within {timeout}s")
+
+
+def _assert_gone(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if _pid_alive(p)]
+    if left:
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        raise AssertionError(f"ranks {left} still running after decomm-run exited")
+
+
+def _start_sleepers(tmp_path: Path, **popen_kw: object) -> tuple[subprocess.Popen, list[int]]:
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    proc = subprocess.Popen(
+        [*DECOMM_RUN, "-np", "2", "--oversubscribe", sys.executable, str(script), str(pid_dir)],
+        env=_launcher_env(), **popen_kw)
+    try:
+        return proc, _wait_for_ranks(pid_dir, proc, 2)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_launcher_alone_stops_the_job(tmp_path: Path, sig: int) -> None:
+    """``kill -INT <decomm-run pid>``: only the launcher gets the signal (own session, no
+    terminal); it passes it on to mpirun, the ranks stop, the status is 128 + signal."""
+    _real_mpirun()
+    proc, pids = _start_sleepers(tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+    try:
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)  # the ranks would sleep for 300 s
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + sig, err.decode(errors="replace")[-2000:]
+    _assert_gone(pids)
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_on_the_terminal_exits_130_without_a_second_interrupt(tmp_path: Path) -> None:
+    """A Ctrl-C typed on the terminal reaches the whole foreground group (launcher and
+    mpirun): status 130, and mpirun is not sent a second SIGINT (Open MPI would print
+    "Abort is in progress" and abort without its orderly shutdown)."""
+    import fcntl
+    import pty
+    import termios
+    import threading
+
+    _real_mpirun()
+    master, slave = pty.openpty()
+
+    def own_terminal() -> None:  # new session whose controlling terminal is the pty
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    try:
+        proc, pids = _start_sleepers(tmp_path, stdin=slave, stdout=slave, stderr=slave,
+                                     preexec_fn=own_terminal)
+        reader.start()
+        try:
+            os.write(master, termios.tcgetattr(master)[6][termios.VINTR])  # ^C
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    finally:
+        os.close(slave)
+    reader.join(timeout=5)
+    os.close(master)
+    out = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 130, out[-2000:]
+    assert "Abort is in progress" not in out
+    _assert_gone(pids)

@@ -152,3 +152,20 @@ def test_env_var_writes_file_at_exit(tmp_path):
     phases = [e["name"] for e in evs if e["cat"] == "phase"]
     assert phases == ["validate", "pack", "send/recv", "reduce", "unpack"]
     assert any(e["cat"] == "activity" and e["name"] == "work" for e in evs)
+
+
+def test_env_var_process_that_never_joined_writes_nothing(tmp_path):
+    """DECOMM_TIMELINE reaches every process that imports decomm, decomm-run included;
+    one that never calls decomm.init() must leave the ranks' files alone at exit."""
+    prefix = str(tmp_path / "env-")
+    rank0 = Path(prefix + "0.json")
+    rank0.write_text('{"traceEvents": ["a real rank wrote this"]}')
+    code = "import decomm\nassert decomm.timeline.enabled\n"
+    env = dict(os.environ, DECOMM_TIMELINE=prefix, PYTHONPATH=str(ROOT))
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert rank0.read_text() == '{"traceEvents": ["a real rank wrote this"]}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["env-0.json"]

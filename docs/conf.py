@@ -1,7 +1,8 @@
 """Sphinx configuration for decomm's documentation.
 
 Build with ``make docs`` (``sphinx-build -W --keep-going -b html docs docs/_build/html``).
-The build needs no network access (no intersphinx) and no compiled extension:
+The build needs no network access (no intersphinx), neither does reading the pages
+(MathJax is shipped in ``_static/mathjax``), and no compiled extension:
 ``decomm._C`` and ``mpi4py`` are mocked if they cannot be imported, so the API
 reference builds on a machine where decomm was never compiled.
 """
@@ -77,6 +78,14 @@ html_theme_options = {
 html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}
 html_show_sourcelink = False
 
+# -- maths ------------------------------------------------------------------------
+# MathJax 3 is shipped in _static/mathjax (see the README there) instead of being
+# loaded from a CDN, so equations are typeset offline too. The SVG output keeps the
+# whole renderer in one file, with no web fonts to fetch. The context menu is off:
+# some of its entries lazy-load further components, which are not shipped.
+mathjax_path = "mathjax/tex-svg.js"
+mathjax3_config = {"options": {"enableMenu": False}}
+
 # -- the benchmark tables -----------------------------------------------------
 # performance.md holds a marker comment; every benchmarks/results/*.md is spliced in
 # there with MyST's include directive (images made relative to this page, headings
@@ -120,6 +129,12 @@ API_GROUPS: list[tuple[str, list[str]]] = [
                             "allreduce_nonblocking_", "broadcast", "broadcast_",
                             "broadcast_parameters", "allgather", "barrier"]),
     ("Non-blocking handles", ["Handle", "synchronize", "poll"]),
+    ("Hierarchical (machine-level) ops", ["hierarchical_neighbor_allreduce",
+                                          "hierarchical_neighbor_allreduce_",
+                                          "set_machine_topology", "get_machine_topology",
+                                          "machine_rank", "machine_size"]),
+    ("One-sided window ops", ["win_create", "win_free", "win_put", "win_accumulate",
+                              "win_get", "win_update", "win_update_then_collect"]),
     ("Build and machine information", ["built_with_cuda", "cuda_available", "nccl_available",
                                        "mpi_library_version"]),
     ("Statistics", ["stats", "reset_stats"]),

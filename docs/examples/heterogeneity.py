@@ -32,6 +32,7 @@ def loss_fn(i: int, model: torch.nn.Module) -> torch.Tensor:
 
 def error(topology: Topology, wrapper: type) -> float:
     """Mean distance of the nodes' parameters to x* after STEPS steps."""
+    torch.manual_seed(0)  # the initial model (node 0's, copied to all): same for every run
     sim = Simulation(
         topology,
         make_model=lambda: torch.nn.Linear(DIM, 1, bias=False),

@@ -49,7 +49,7 @@ contention).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,9 @@ from decomm.optim.comm import Handle
 
 __all__ = ["SimNodeCommunicator", "Simulation", "as_topology"]
 
+#: the wrapper classes of decomm.optim that the simulator runs
+SUPPORTED_WRAPPERS = ("DSGD", "GradientTracking", "D2", "QGDSGDm")
+
 
 def as_topology(topology: Any) -> Any:
     """A Topology as is; a matrix or list of matrices via ``Topology.from_matrices``."""
@@ -83,6 +86,7 @@ class SimNodeCommunicator:
     """The communicator of one simulated node: mixing is done by the Simulation."""
 
     supports_nonblocking = False
+    limits_message_size = False  # mixing is in-process: no MPI message size limit
 
     def __init__(self, sim: Simulation, node: int) -> None:
         self._sim = sim
@@ -137,7 +141,11 @@ class Simulation:
         make_model: ``() -> nn.Module``; called once (then deep-copied) or once
             per node with ``identical_init=False``.
         make_optimizer: ``(model) -> torch.optim.Optimizer`` for one node.
-        wrapper_cls: the decomm.optim wrapper class (default ``DSGD``).
+        wrapper_cls: the decomm.optim wrapper class (default ``DSGD``): one of
+            the synchronous wrappers ``DSGD``, ``GradientTracking``, ``D2``,
+            ``QGDSGDm`` or a subclass.  ``AsyncGossip`` (one-sided windows, no
+            common round) and ``PushSum`` (column-stochastic, sender-scaled
+            messages) need the MPI runtime; a ``TypeError`` says so.
         identical_init: start every node from node 0's parameters (what the
             MPI wrappers' constructor broadcast does).
         **wrapper_kwargs: passed to every wrapper (``communicate_every``,
@@ -160,6 +168,14 @@ class Simulation:
         if not (isinstance(wrapper_cls, type) and issubclass(wrapper_cls, DecentralizedOptimizer)):
             raise TypeError(
                 f"wrapper_cls must be a decomm.optim wrapper class, got {wrapper_cls!r}"
+            )
+        reason = getattr(wrapper_cls, "_simulation_unsupported", None)
+        if reason:
+            raise TypeError(
+                f"Simulation cannot run {wrapper_cls.__name__}: {reason}. The simulator "
+                f"supports the synchronous wrappers whose step is local phase, one mix "
+                f"with W(t), finish phase: {', '.join(SUPPORTED_WRAPPERS)} (and their "
+                f"subclasses); run {wrapper_cls.__name__} under MPI (decomm-run / mpirun)"
             )
         for key in ("communicator", "broadcast_parameters", "check_parameters"):
             if key in wrapper_kwargs:
@@ -274,7 +290,12 @@ class Simulation:
                 buf.copy_(row)
 
     # ------------------------------------------------------------------- step
-    def step(self, loss_fn: Callable[[int, nn.Module], Tensor] | None = None) -> list[float] | None:
+    def step(
+        self,
+        loss_fn: Callable[[int, nn.Module], Tensor] | None = None,
+        *,
+        scalers: Sequence[torch.amp.GradScaler] | None = None,
+    ) -> list[float] | None:
         """One synchronous step of all nodes.
 
         ``loss_fn(i, model)`` returns node ``i``'s loss (its own data shard);
@@ -282,15 +303,54 @@ class Simulation:
         then runs the wrappers' local phase, the mix, and the finish phase.  With
         ``loss_fn=None`` the gradients already in ``.grad`` are used.  Returns
         the n losses (or ``None``).
+
+        ``scalers``: one ``torch.amp.GradScaler`` per node, for mixed precision,
+        doing what ``scaler.scale(loss).backward(); scaler.step(opt);
+        scaler.update()`` does on every rank under MPI: node ``i``'s loss is
+        scaled by ``scalers[i]`` before ``backward`` (with ``loss_fn``), its
+        gradients are unscaled (``scalers[i].unscale_``); if any node's
+        gradients are not finite, **every** node skips the step (no update, no
+        mix, round unchanged); then every ``scalers[i].update()`` runs.  With a
+        plain torch scaler only the overflowing nodes back off their scale;
+        :class:`decomm.amp.GradScaler` backs off on every node.
         """
+        if scalers is not None and len(scalers) != self.n:
+            raise ValueError(f"scalers: expected one GradScaler per node ({self.n}), "
+                             f"got {len(scalers)}")
         losses: list[float] | None = None
         if loss_fn is not None:
             losses = []
             for i, (model, opt) in enumerate(zip(self.models, self.optimizers)):
                 opt.zero_grad()
                 loss = loss_fn(i, model)
-                loss.backward()
+                (loss if scalers is None else scalers[i].scale(loss)).backward()
                 losses.append(float(loss.detach()))
+        if scalers is not None and self._amp_skip(scalers):
+            return losses
+        self._step_all()
+        if scalers is not None:
+            for s in scalers:
+                s.update()
+        return losses
+
+    def _amp_skip(self, scalers: Sequence[torch.amp.GradScaler]) -> bool:
+        """Unscale every node's gradients; if any node overflowed, skip on all."""
+        from decomm.amp import GradScaler as AgreeingScaler
+
+        overflow = False
+        for s, o in zip(scalers, self.optimizers):
+            s.unscale_(o)
+            grads = [p.grad for p in o.params if p.grad is not None]
+            overflow |= not all(bool(torch.isfinite(g).all()) for g in grads)
+        if not overflow:
+            return False
+        for s, o in zip(scalers, self.optimizers):
+            if isinstance(s, AgreeingScaler):
+                s.record_found_inf(o, True)
+            s.update()
+        return True
+
+    def _step_all(self) -> None:
         with torch.no_grad():
             mix = self.optimizers[0]._plan()
             for o in self.optimizers:
@@ -301,7 +361,6 @@ class Simulation:
                 o._run_finish(mix)
         if mix is Mix.NEIGHBOR:
             self.round += 1
-        return losses
 
     def run(self, loss_fn: Callable[[int, nn.Module], Tensor], steps: int) -> list[list[float]]:
         """``steps`` calls of :meth:`step`; returns the per-step loss lists."""
@@ -320,9 +379,22 @@ class Simulation:
         """``x̄ = (1/n) Σ_i x_i`` (flat)."""
         return self.param_matrix().double().mean(dim=0)
 
-    def consensus_distance(self) -> float:
-        """``(1/n) Σ_i ‖x_i − x̄‖²``, computed directly in float64 (no cancellation)."""
+    def consensus_distance(self, *, include_buffers: bool = False) -> float:
+        """``(1/n) Σ_i ‖x_i − x̄‖²``, computed directly in float64 (no cancellation).
+
+        ``x_i`` is node ``i``'s parameters; the wrappers do not mix module buffers
+        (BatchNorm running statistics), so nodes that differ only there report
+        0.0.  ``include_buffers=True`` appends each model's floating-point
+        buffers to ``x_i``.
+        """
         x = self.param_matrix().double()
+        if include_buffers:
+            bufs = torch.stack([
+                torch.cat([b.detach().reshape(-1).double() for b in m.buffers()
+                           if b.is_floating_point()] + [torch.zeros(0, dtype=torch.float64)])
+                for m in self.models
+            ])
+            x = torch.cat([x, bufs], dim=1)
         return float((x - x.mean(dim=0)).square().sum(dim=1).mean())
 
     # ------------------------------------------------------------- checkpoint

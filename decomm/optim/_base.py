@@ -26,18 +26,28 @@ algebra with ``W = I`` (no message, no round advance).  With
 average (``W = 11ᵀ/n``, one ``allreduce_``) instead of a gossip round; a global
 step does not advance the topology round, so a finite-time-exact cycle such as
 ``BaseGraph`` is never cut in the middle.
+
+Mixed precision: the wrappers declare ``_step_supports_amp_scaling``, so
+``torch.amp.GradScaler.step(opt)`` always calls :meth:`DecentralizedOptimizer.step`
+(handing it ``opt.grad_scale`` and ``opt.found_inf``) instead of skipping the
+step on the one rank whose gradients overflowed, which would desynchronise the
+ranks for good.  The step agrees on ``found_inf`` with one 8-byte allreduce and
+skips on every rank or on none; see :meth:`DecentralizedOptimizer.step`.
 """
 
 from __future__ import annotations
 
 import enum
+import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from . import comm as _comm
 from ._flat import Bucket, build_buckets, collect_params
 from .comm import Communicator, Handle, MPICommunicator, decomm_error
 
@@ -136,6 +146,72 @@ def _describe(row: Tensor) -> str:
     return f"shape {tuple(dims)} {dt}"
 
 
+#: rounds inspected by :func:`worst_column_sum` for random families (no finite cycle)
+RANDOM_ROUNDS_CHECKED = 8
+#: |column sum − 1| above which a mixing matrix counts as not column-stochastic
+COLUMN_SUM_TOL = 1e-9
+_column_cache: dict[str, tuple[float, int, int] | None] = {}
+
+
+def topology_name(topology: Any) -> str:
+    return str(getattr(topology, "name", type(topology).__name__))
+
+
+def topology_fingerprint(topology: Any) -> str | None:
+    """``topology.fingerprint()`` where it has one (decomm topologies), else ``None``."""
+    fp = getattr(topology, "fingerprint", None)
+    if fp is None:
+        return None
+    try:
+        return str(fp())
+    except Exception:  # a duck-typed topology whose fingerprint needs more than it has
+        return None
+
+
+def worst_column_sum(topology: Any) -> tuple[float, int, int] | None:
+    """The column sum of ``W(t)`` farthest from 1, as ``(sum, column, round)``.
+
+    ``None`` if every inspected column sums to 1 within :data:`COLUMN_SUM_TOL`, or
+    if the topology exposes neither ``sparse(t)`` nor ``matrix(t)``.  A finite cycle
+    is inspected completely (O(nnz) per round with ``sparse``); a random family
+    (``rounds is None``) on its first :data:`RANDOM_ROUNDS_CHECKED` rounds.  Cached
+    per topology fingerprint, so re-creating wrappers over one topology is free.
+    """
+    key = topology_fingerprint(topology)
+    if key is not None and key in _column_cache:
+        return _column_cache[key]
+    rounds = getattr(topology, "rounds", None)
+    count = RANDOM_ROUNDS_CHECKED if rounds is None else int(rounds)
+    worst: tuple[float, int, int] | None = None
+    dev = COLUMN_SUM_TOL
+    for t in range(count):
+        if hasattr(topology, "sparse"):
+            cols = np.asarray(topology.sparse(t).col_sums(), dtype=np.float64)
+        elif hasattr(topology, "matrix"):
+            cols = np.asarray(topology.matrix(t), dtype=np.float64).sum(axis=0)
+        else:
+            return None
+        j = int(np.argmax(np.abs(cols - 1.0)))
+        if abs(cols[j] - 1.0) > dev:
+            dev, worst = abs(cols[j] - 1.0), (float(cols[j]), j, t)
+    if key is not None:
+        _column_cache[key] = worst
+    return worst
+
+
+def _bucket_message_bytes(indexed: list[tuple[int, Tensor]], message_numel: Callable[[int], int]
+                          ) -> list[tuple[torch.device, torch.dtype, int, int]]:
+    """``(device, dtype, parameter count, message bytes)`` per flat bucket, as built."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for _, p in indexed:
+        groups.setdefault((p.device, p.dtype), []).append(p.numel())
+    out = []
+    for (dev, dt), sizes in groups.items():
+        itemsize = torch.empty((), dtype=dt).element_size()
+        out.append((dev, dt, len(sizes), message_numel(sum(sizes)) * itemsize))
+    return out
+
+
 class DecentralizedOptimizer(torch.optim.Optimizer):
     """Base class: holds an inner optimizer, flat buckets and the schedule.
 
@@ -160,8 +236,20 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             ``decomm.init()`` required); :mod:`decomm.sim` passes its own.
 
     Parameters are moved into one flat buffer per (device, dtype), see
-    :mod:`decomm.optim._flat`.  Only parameters held by the optimizer are mixed
-    (module buffers such as BatchNorm running statistics are not).
+    :mod:`decomm.optim._flat`.  Only parameters held by the optimizer are mixed:
+    module buffers such as BatchNorm running statistics are **not** mixed and
+    stay rank-local (average them yourself, e.g. ``decomm.allreduce_(b)`` for each
+    floating-point buffer before evaluating; measure their disagreement with
+    ``decomm.optim.consensus_distance(model, include_buffers=True)``).
+
+    Each flat message (one per (device, dtype), of ``numel`` times the number of
+    state segments the algorithm sends) must fit the runtime's per-message limit
+    :data:`decomm.optim.comm.MAX_MESSAGE_BYTES` (2**31 − 1 bytes): the
+    constructor and :meth:`add_param_group` raise ``DecommError`` naming the rank,
+    the dtype group and its size otherwise, before anything is sent or stepped.
+
+    Mixed precision: ``torch.amp.GradScaler`` (or :class:`decomm.amp.GradScaler`)
+    works unchanged, ``scaler.step(opt)`` included; see :meth:`step`.
 
     This class subclasses :class:`torch.optim.Optimizer` only so that
     ``isinstance`` checks (LR schedulers, AMP's GradScaler) accept it; it does
@@ -172,6 +260,13 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     _comm_segments: ClassVar[int] = 1
     _stateful: ClassVar[bool] = True
     _can_prefetch: ClassVar[bool] = False
+    #: GradScaler calls step() even after an overflow, handing over grad_scale and
+    #: found_inf, so that step() can make the skip collective (see step()).
+    _step_supports_amp_scaling: ClassVar[bool] = True
+    #: warn when W(t) is not column-stochastic (algorithms that need doubly stochastic W)
+    _check_column_sums: ClassVar[bool] = False
+    #: why decomm.sim cannot run this wrapper (None: it can)
+    _simulation_unsupported: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -203,16 +298,27 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._inflight: list[Handle] | None = None
         self._hook_handles: list[Any] = []
         self._buckets: list[Bucket] = []
+        self._columns_checked: Any = None
+        #: found_inf as agreed by all ranks in the last GradScaler step (None: no scaler)
+        self._amp_found_inf: bool | None = None
         self._build(broadcast_parameters, list(range(len(optimizer.param_groups))))
+        if self._check_column_sums:
+            self._warn_if_not_column_stochastic()
 
     # ------------------------------------------------------------------ setup
-    def _build(self, broadcast: bool, new_groups: list[int]) -> None:
-        indexed = collect_params(self.optimizer.param_groups)
+    def _check_new_params(self, indexed: list[tuple[int, Tensor]]) -> None:
+        """Same parameters on every rank, messages under the limit; moves nothing."""
         if self._check_parameters:
             names = _param_names(self.optimizer.param_groups)
             check_same_parameters(
                 self._comm, [p for _, p in indexed], [names[id(p)] for _, p in indexed]
             )
+        self._check_message_sizes(indexed)
+
+    def _build(self, broadcast: bool, new_groups: list[int], checked: bool = False) -> None:
+        indexed = collect_params(self.optimizer.param_groups)
+        if not checked:
+            self._check_new_params(indexed)  # before anything moves, is sent or stepped
         self._buckets = build_buckets(indexed, self._comm_segments)
         if broadcast and self._comm.size() > 1:
             new = set(new_groups)
@@ -228,6 +334,58 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def _setup(self) -> None:
         """Allocate the algorithm's flat state (once)."""
+
+    def _message_numel(self, numel: int) -> int:
+        """Elements of the message that mixes a bucket of ``numel`` parameters."""
+        return numel * self._comm_segments
+
+    def _check_message_sizes(self, indexed: list[tuple[int, Tensor]]) -> None:
+        """Raise ``DecommError`` if a bucket's message exceeds the per-message limit.
+
+        Runs before the parameters are moved, broadcast or stepped, so nothing
+        has changed when it raises.  Every rank raises (the parameter check has
+        made the shapes equal).  Communicators that do not go through MPI (the
+        simulator's, ``limits_message_size = False``) and single ranks skip it.
+        """
+        comm = self._comm
+        if comm.size() <= 1 or not getattr(comm, "limits_message_size", True):
+            return
+        limit = _comm.MAX_MESSAGE_BYTES
+        for dev, dt, count, nbytes in _bucket_message_bytes(indexed, self._message_numel):
+            if nbytes > limit:
+                raise decomm_error()(
+                    f"{type(self).__name__} on rank {comm.rank()}: the {count} {dt} "
+                    f"parameters on {dev} form one flat message of {nbytes} bytes "
+                    f"({nbytes / 2**30:.2f} GiB), over the per-message limit of {limit} "
+                    f"bytes; every (device, dtype) group is one message, so split the "
+                    f"model's parameters over several wrappers (each wrapping its own "
+                    f"torch optimizer over a part of the model) so that each part's "
+                    f"{dt} parameters stay under the limit (param groups of one wrapper "
+                    f"share one message per dtype and do not help)"
+                )
+
+    def _warn_if_not_column_stochastic(self) -> None:
+        """Warn once per topology, on rank 0 only, if some W(t) column does not sum to 1."""
+        topo = self._comm.topology()
+        if topo is None or topo is self._columns_checked:
+            return
+        self._columns_checked = topo
+        if self._comm.rank() != 0:
+            return
+        worst = worst_column_sum(topo)
+        if worst is None:
+            return
+        total, j, t = worst
+        name = type(self).__name__
+        warnings.warn(
+            f"{name} needs a doubly stochastic mixing matrix, but column {j} of W({t}) of "
+            f"the topology {topology_name(topo)} sums to {total:.6g}, not 1: the ranks "
+            f"then converge to a weighted average biased towards the nodes whose columns "
+            f"sum to more than 1 (GradientTracking converges to a wrong point). Use "
+            f"PushSum for directed graphs, or a W whose columns also sum to 1.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     # ------------------------------------------------------- torch interface
     @property
@@ -291,7 +449,12 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             )
         self._wait_inflight()
         self.optimizer.add_param_group(param_group)
-        self._build(True, [len(self.optimizer.param_groups) - 1])
+        try:
+            self._check_new_params(collect_params(self.optimizer.param_groups))
+        except Exception:
+            self.optimizer.param_groups.pop()  # nothing moved yet: undo, keep the buckets
+            raise
+        self._build(True, [len(self.optimizer.param_groups) - 1], checked=True)
         if self._hook_handles:
             self._remove_hooks()
             self._install_hooks()
@@ -306,6 +469,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         return Mix.NEIGHBOR
 
     def _run_local(self, mix: Mix) -> None:
+        if self._check_column_sums and mix is Mix.NEIGHBOR:
+            self._warn_if_not_column_stochastic()  # set_topology may have changed it
         for b in self._buckets:
             if not b.is_intact():
                 b.repair()
@@ -339,16 +504,39 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
         ``closure`` (optional) is evaluated once, with grad enabled, before the
         step; optimizers that re-evaluate it (LBFGS) are not supported.
+
+        Under ``torch.amp.GradScaler`` (``scaler.step(opt)``; the scaler sets
+        ``opt.grad_scale`` = the scale ``S`` or ``None`` if ``scaler.unscale_``
+        already ran, and ``opt.found_inf`` = this rank's overflow flag):
+
+        * all ranks agree on ``found_inf`` with one allreduce of one float64
+          through the wrapper's communicator (also on local steps, whose step
+          counter must stay in step too);
+        * if any rank overflowed, every rank skips the whole step: no local
+          update, no exchange (an exchange already started by
+          ``begin_communication`` is completed and its result dropped), step
+          counters and topology round unchanged;
+        * otherwise the gradients are multiplied by ``1/S`` (the scaler's own
+          unscaling kernel, so bitwise what ``scaler.unscale_`` gives) and the
+          step runs as usual.
+
+        ``scaler.update()`` then backs off the scale on the rank that overflowed
+        only; :class:`decomm.amp.GradScaler` backs it off on every rank, keeping
+        the scales identical.  Every rank must use the scaler the same way (all
+        or none, same ``enabled``), or the agreement allreduce does not pair up.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            mix = self._plan()
-            if self._inflight is not None:
+            prefetched = self._inflight is not None
+            if prefetched:
                 self._wait_inflight()
-            else:
+            if self._amp_skip():
+                return loss
+            mix = self._plan()
+            if not prefetched:
                 self._run_local(mix)
                 if mix is Mix.NEIGHBOR:
                     for k, buf in enumerate(self._mix_buffers()):
@@ -360,6 +548,38 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             if mix is Mix.NEIGHBOR:
                 self._comm.advance_round()
         return loss
+
+    def _amp_skip(self) -> bool:
+        """GradScaler protocol: agree on overflow across ranks, unscale; True = skip."""
+        found_inf = getattr(self, "found_inf", None)
+        self._amp_found_inf = None
+        if found_inf is None:  # not called by an enabled GradScaler
+            return False
+        grad_scale = getattr(self, "grad_scale", None)
+        skip = self._agree_found_inf(bool(float(found_inf) > 0.0))
+        self._amp_found_inf = skip
+        if skip:
+            return True
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            per_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in self.params:
+                if p.grad is not None:
+                    per_key.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+            dummy: dict[torch.device, Tensor] = {}
+            for (dev, _), grads in per_key.items():
+                if dev not in dummy:
+                    dummy[dev] = torch.zeros((), dtype=torch.float32, device=dev)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, dummy[dev], inv.to(dev))
+        return False
+
+    def _agree_found_inf(self, found_inf: bool) -> bool:
+        """``True`` iff ``found_inf`` is true on any rank (collective: one float64 allreduce)."""
+        if self._comm.size() <= 1:
+            return found_inf
+        flag = torch.tensor([1.0 if found_inf else 0.0], dtype=torch.float64)
+        self._comm.allreduce_(flag, average=True, name="decomm.optim.amp.found_inf")
+        return bool(float(flag[0]) > 0.0)
 
     def begin_communication(self) -> bool:
         """Start this step's exchange now, non-blocking; ``True`` if started.
@@ -438,17 +658,29 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         pass
 
+    def _world(self) -> dict[str, Any]:
+        topo = self._comm.topology()
+        return {
+            "size": self._comm.size(),
+            "rank": self._comm.rank(),
+            "topology": None if topo is None else topology_name(topo),
+            "topology_fingerprint": None if topo is None else topology_fingerprint(topo),
+        }
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The inner optimizer's state_dict plus a ``"decomm"`` entry.
 
         The entry holds the step and communication counters, the runtime's
-        topology round, and copies of the algorithm's flat state (trackers,
-        previous iterates, ...) so that ``load_state_dict`` resumes bitwise.
-        Save the model's ``state_dict()`` alongside, as usual.
+        topology round, copies of the algorithm's flat state (trackers,
+        previous iterates, ...) so that ``load_state_dict`` resumes bitwise, and
+        the world it was saved in: ``"size"``, ``"rank"``, ``"topology"`` (name)
+        and ``"topology_fingerprint"``.  The algorithm state is this rank's, so
+        save one file per rank.  Save the model's ``state_dict()`` alongside, as
+        usual.
         """
         sd = self.optimizer.state_dict()
         sd["decomm"] = {
-            "format": 1,
+            "format": 2,
             "algorithm": type(self).__name__,
             "steps": self._steps,
             "communication_steps": self._comms,
@@ -458,17 +690,45 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             "buckets": [(b.numel, str(b.dtype)) for b in self._buckets],
             "state": {k: [t.detach().clone() for t in v] for k, v in self._state_tensors().items()},
             "extra": dict(self._extra_state()),
+            **self._world(),
         }
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: dict[str, Any], *, strict_world: bool = True
+    ) -> None:
         """Restore a :meth:`state_dict`; also sets the runtime's topology round.
 
         A plain torch optimizer state_dict (no ``"decomm"`` entry) loads the
         inner optimizer only and leaves the wrapper's own state as is.
+
+        World checks (state_dicts that record their world; older ones load as
+        before):
+
+        * saved at another world size, or by another rank: ``ValueError`` naming
+          both, unless ``strict_world=False``;
+        * saved under another topology (different fingerprint) at the same size
+          and rank: a ``UserWarning`` (rank 0 only) and a normal load, round
+          included - changing the topology on resume is legitimate, but the
+          trackers were built under the old one.
+
+        ``strict_world=False`` on a different size or rank is the deliberate
+        "resume on another world" path: it loads the inner optimizer's state
+        (momenta, Adam moments: per-parameter, meaningful anywhere) and the step
+        counters, but **re-initialises the algorithm's per-rank state** as a new
+        wrapper would (gradient tracker ``y^0 = g^0`` at the next step, D²'s
+        first step uncorrected, push-sum weight 1, QG momentum 0) and does not
+        restore the topology round (the current topology keeps its own).  Those
+        states satisfy the algorithms' invariants (e.g. ``Σ_i y_i = Σ_i g_i``)
+        only together with the other ranks of the saved world, so carrying one
+        rank's copy into another world would silently bias the run.  Load the
+        model's parameters as you see fit (e.g. every rank rank 0's, or the
+        average) before continuing.  On the same size and rank,
+        ``strict_world=False`` is a normal load.
         """
         sd = dict(state_dict)
         dc = sd.pop("decomm", None)
+        other_world = False
         if dc is not None:
             if dc.get("algorithm") != type(self).__name__:
                 raise ValueError(
@@ -481,9 +741,16 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                     f"state_dict has buckets {theirs} but this wrapper has {mine}: "
                     f"different model or param groups"
                 )
+            other_world = self._check_world(dc, strict_world)
         self._wait_inflight()
         self.optimizer.load_state_dict(sd)
         if dc is None:
+            return
+        self._steps = int(dc["steps"])
+        self._comms = int(dc["communication_steps"])
+        if other_world:
+            if self._state_tensors():
+                self._setup()  # fresh algorithm state, as at construction
             return
         with torch.no_grad():
             current = self._state_tensors()
@@ -492,10 +759,36 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"unexpected state {name!r} in state_dict")
                 for dst, src in zip(current[name], saved):
                     dst.copy_(src)
-        self._steps = int(dc["steps"])
-        self._comms = int(dc["communication_steps"])
         self._load_extra_state(dc.get("extra", {}))
         self._comm.set_round(int(dc["round"]))
+
+    def _check_world(self, dc: dict[str, Any], strict: bool) -> bool:
+        """Compare the saved world with this one; True = load across worlds."""
+        if "size" not in dc:  # saved before the world was recorded (format 1)
+            return False
+        now = self._world()
+        name = type(self).__name__
+        if (dc["size"], dc["rank"]) != (now["size"], now["rank"]):
+            if strict:
+                raise ValueError(
+                    f"{name}.load_state_dict on rank {now['rank']} of {now['size']}: the "
+                    f"state_dict was saved by rank {dc['rank']} of {dc['size']} (topology "
+                    f"{dc['topology']}); its trackers and round belong to that world. Load "
+                    f"each rank's own file, or pass strict_world=False to load the inner "
+                    f"optimizer's state and the step counters only and restart the "
+                    f"algorithm's state (see load_state_dict)"
+                )
+            return True
+        fp_then, fp_now = dc.get("topology_fingerprint"), now["topology_fingerprint"]
+        if fp_then is not None and fp_now is not None and fp_then != fp_now and now["rank"] == 0:
+            warnings.warn(
+                f"{name}.load_state_dict: the state_dict was saved under the topology "
+                f"{dc['topology']} but the current topology is {now['topology']}; loading "
+                f"it anyway (round {dc['round']} included)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return False
 
 
 def iter_tensors(obj: Any) -> list[Tensor]:

@@ -111,6 +111,14 @@ class AsyncGossip(DecentralizedOptimizer):
     """
 
     _stateful = False
+    # Ranks never wait for each other, so a rank whose gradients overflowed may skip
+    # its step alone (GradScaler's default): nothing to agree on, no allreduce.
+    _step_supports_amp_scaling = False
+    _simulation_unsupported = (
+        "AsyncGossip mixes through one-sided MPI windows, each rank at its own pace "
+        "and with stale neighbour values; the simulator steps all nodes in lock-step "
+        "with one W(t) per round, so it would compute a different algorithm (DSGD)"
+    )
 
     def __init__(
         self,

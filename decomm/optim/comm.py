@@ -16,7 +16,20 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["Communicator", "Handle", "LocalCommunicator", "MPICommunicator", "decomm_error"]
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Communicator",
+    "Handle",
+    "LocalCommunicator",
+    "MPICommunicator",
+    "decomm_error",
+]
+
+#: Largest message, in bytes, one decomm MPI call sends (an MPI ``int`` count of
+#: bytes: 2**31 − 1).  The wrappers check their flat messages against it before
+#: the first step; communicators with ``limits_message_size = False`` (the
+#: simulator's) are exempt.
+MAX_MESSAGE_BYTES: int = 2**31 - 1
 
 
 @runtime_checkable

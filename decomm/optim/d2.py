@@ -66,7 +66,8 @@ class D2(DecentralizedOptimizer):
     so with a constant learning rate the fixed point is the exact minimiser of
     the average loss.  The analysis needs symmetric ``W`` with all eigenvalues
     ``> −1/3``; the constructor (and a step after ``set_topology`` changed the
-    topology) issues a :class:`UserWarning` naming the offending eigenvalue
+    topology) issues a :class:`UserWarning`, on rank 0 only (in the simulator:
+    once), naming the offending eigenvalue
     otherwise (e.g. a 4-node ring with weights 1/3 has eigenvalue −1/3; use a
     lazier ``(I + W)/2``), or saying that ``W`` is not symmetric.
 
@@ -108,6 +109,8 @@ class D2(DecentralizedOptimizer):
         if topo is None or topo is self._checked:
             return
         self._checked = topo
+        if self._comm.rank() != 0:  # one warning per job, not one per rank
+            return
         lam, t, symmetric = min_eigenvalue(topo)
         name = getattr(topo, "name", type(topo).__name__)
         if lam <= -1.0 / 3.0 + 1e-12:

@@ -41,9 +41,17 @@ class DSGD(DecentralizedOptimizer):
     in one flat buffer per dtype), so beyond the inner step it costs exactly one
     ``neighbor_allreduce_`` per dtype; AWC adds one copy into a scratch buffer
     and two fused passes (``s = Wx − x``, ``x ← x − u + s``).
+
+    ``W(t)`` should be doubly stochastic: if some column does not sum to 1 the
+    ranks reach a weighted, biased consensus, and the constructor (and the first
+    gossip step after ``set_topology`` changed the topology) issues one
+    ``UserWarning`` on rank 0 naming the topology and the worst column sum (the
+    whole cycle is checked; random families their first rounds).  Use
+    :class:`~decomm.optim.PushSum` on directed graphs.
     """
 
     _stateful = False
+    _check_column_sums = True
 
     def __init__(
         self,

@@ -29,7 +29,12 @@ class GradientTracking(DecentralizedOptimizer):
 
     Because ``Σ_i y_i^t = Σ_i g_i^t`` for doubly stochastic ``W``, the fixed
     point is the exact minimiser of the *average* loss even when the nodes'
-    data differ (DSGD keeps a bias there).
+    data differ (DSGD keeps a bias there).  If a column of ``W`` does not sum to
+    1 that invariant breaks and the fixed point is not the minimiser of the
+    average loss; the constructor (and the first gossip
+    step after ``set_topology`` changed the topology) then issues one
+    ``UserWarning`` on rank 0 naming the topology and the worst column sum.  Use
+    :class:`~decomm.optim.PushSum` on directed graphs.
 
     Implementation: ``x`` and ``y`` share one flat buffer per dtype
     (``[x | y]``), so a step is still one ``neighbor_allreduce_`` per dtype
@@ -43,6 +48,7 @@ class GradientTracking(DecentralizedOptimizer):
     """
 
     _comm_segments = 2
+    _check_column_sums = True
 
     def __init__(
         self,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ._base import iter_tensors
 from .comm import Communicator, MPICommunicator, flatten_float64
 
@@ -15,12 +17,21 @@ def consensus_distance(
     *,
     communicator: Communicator | None = None,
     exact: bool = False,
+    include_buffers: bool = False,
 ) -> float:
     r"""Consensus distance ``(1/n) Σ_i ‖x_i − x̄‖²`` over the ``n`` ranks.
 
     ``model_or_params``: an ``nn.Module``, a decomm optimizer wrapper, a torch
     optimizer, a tensor or an iterable of tensors (or ``named_parameters()``).
     Collective: every rank must call it; every rank gets the same value.
+
+    By default ``x`` is the **parameters** only.  The wrappers do not mix module
+    buffers (BatchNorm's ``running_mean`` / ``running_var``, ...), so two ranks
+    whose parameters agree but whose running statistics differ report 0.0.
+    ``include_buffers=True`` (``nn.Module`` only) appends the module's
+    floating-point buffers to ``x``; the difference between the two values is
+    the buffers' own disagreement (integer buffers such as
+    ``num_batches_tracked`` are left out).
 
     Method (default, ``exact=False``): each rank packs ``[x_i, ‖x_i‖²]`` into one
     float64 vector of ``d + 1`` elements; **one** ``allreduce`` (average) gives
@@ -36,6 +47,13 @@ def consensus_distance(
     """
     comm = communicator if communicator is not None else MPICommunicator()
     tensors = iter_tensors(model_or_params)
+    if include_buffers:
+        if not isinstance(model_or_params, nn.Module):
+            raise TypeError(
+                "consensus_distance(include_buffers=True) needs the nn.Module whose "
+                f"buffers to include, got {type(model_or_params).__name__}"
+            )
+        tensors += [b for b in model_or_params.buffers() if b.is_floating_point()]
     if exact:
         xbar = flatten_float64(tensors)
         mine = xbar.clone()

@@ -162,6 +162,10 @@ class PushSum(DecentralizedOptimizer):
     """
 
     _stateful = True
+    _simulation_unsupported = (
+        "PushSum mixes with a column-stochastic P through sender-scaled MPI messages; "
+        "the simulator mixes with a row-stochastic W only"
+    )
 
     def __init__(
         self,
@@ -200,6 +204,9 @@ class PushSum(DecentralizedOptimizer):
         )
 
     # ----------------------------------------------------------------- state
+    def _message_numel(self, numel: int) -> int:
+        return numel + 1  # the parameters and the push-sum weight w
+
     def _setup(self) -> None:
         self._w = [torch.ones((), dtype=torch.float64) for _ in self._buckets]
         self._msg = [torch.zeros(b.numel + 1, dtype=b.dtype, device=b.device)

@@ -42,6 +42,17 @@ one-sided ops use RMA; the soak test passes under both ``osc/sm`` and ``osc/rdma
 
 Accumulate (``MPI_SUM``) supports float32 and float64 (MPI has no float16 sum);
 put/get move bytes and take every float dtype.
+
+Open MPI 5 asks every one-sided component at each window creation; on a host without
+UCX transports ``osc/ucx`` declines and prints ``osc_ucx_component.c:375  Error: OSC
+UCX component priority set inside component query failed`` on every rank, every
+:func:`win_create`. It is noise: ``osc/sm`` (one host) or ``osc/rdma`` is selected
+and the ops work. ``OMPI_MCA_osc=^ucx`` (``decomm-run`` sets it unless you chose
+``OMPI_MCA_osc``; with plain ``mpirun`` pass ``-x OMPI_MCA_osc=^ucx``) removes it. It
+must be in the environment before MPI initializes: set from Python after
+``decomm.init()`` it has no effect (measured: the line is still printed). Keep
+``osc/ucx`` on clusters whose network is driven by UCX (InfiniBand), where it is the
+fast one-sided path.
 """
 
 from __future__ import annotations
@@ -127,19 +138,22 @@ def _neighbor_sets(topo: Any, r: int, n: int) -> tuple[list[int], list[int]]:
 
 
 def _get(name: Any, op: str) -> _Window:
+    rank = runtime._require().rank
     if not isinstance(name, str):
-        raise TypeError(f"{op}: name must be a str, got {type(name).__name__}")
+        raise TypeError(f"{op} on rank {rank}: the window name must be a str, got "
+                        f"{type(name).__name__} {name!r}")
     w = _windows.get(name)
     if w is None:
         known = sorted(_windows) or "none"
-        raise DecommError(f"{op} on rank {runtime.rank()}: no window named {name!r} "
+        raise DecommError(f"{op} on rank {rank}: no window named {name!r} "
                           f"(windows: {known}); create it with decomm.win_create first")
     return w
 
 
 def _check_tensor(t: Any, w: _Window, op: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op} '{w.name}': expected a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{op} '{w.name}' on rank {w.rank}: expected a torch.Tensor, got "
+                        f"{type(t).__name__}")
     if t.device.type != "cpu":
         raise DecommError(f"{op} '{w.name}' on rank {w.rank}: windows hold CPU tensors, got one "
                           f"on {t.device}")
@@ -161,13 +175,17 @@ def _weight(v: Any, what: str, op: str, w: _Window) -> float:
 def _ranks_map(obj: Any, what: str, op: str, w: _Window, allowed: Mapping[int, int] | list,
                direction: str) -> dict[int, float]:
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{op} '{w.name}': {what} must be a dict {{rank: weight}}, got "
-                        f"{type(obj).__name__}")
+        raise TypeError(f"{op} '{w.name}' on rank {w.rank}: {what} must be a dict "
+                        f"{{rank: weight}}, got {type(obj).__name__}")
     out: dict[int, float] = {}
     for r, v in obj.items():
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
             raise TypeError(f"{op} '{w.name}' on rank {w.rank}: {what} key {r!r} is not a rank")
         r = int(r)
+        if r == w.rank:
+            raise ValueError(f"{op} '{w.name}' on rank {w.rank}: {what} names this rank itself "
+                             f"(no rank has a slot for itself; {direction}-neighbours: "
+                             f"{sorted(allowed)})")
         if r not in allowed:
             raise ValueError(
                 f"{op} '{w.name}' on rank {w.rank}: {what} names rank {r}, which is not an "
@@ -191,12 +209,14 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
     global _atexit_registered
     st = runtime._require()
     if not isinstance(name, str) or not name:
-        raise TypeError(f"win_create: name must be a non-empty str, got {name!r}")
+        raise TypeError(f"win_create on rank {st.rank}: name must be a non-empty str, got "
+                        f"{name!r}")
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"win_create '{name}': expected a torch.Tensor, got "
+        raise TypeError(f"win_create '{name}' on rank {st.rank}: expected a torch.Tensor, got "
                         f"{type(tensor).__name__}")
     if tensor.device.type != "cpu":
-        raise DecommError(f"win_create '{name}' on rank {st.rank}: windows hold CPU tensors")
+        raise DecommError(f"win_create '{name}' on rank {st.rank}: windows hold CPU tensors, "
+                          f"got one on {tensor.device}")
     if tensor.dtype not in _FLOATS:
         raise TypeError(f"win_create '{name}' on rank {st.rank}: dtype {tensor.dtype} is not "
                         "supported; use float16, bfloat16, float32 or float64")
@@ -493,7 +513,8 @@ def win_update(name: str, *, self_weight: float | None = None,
         sw, nb = w.topology.weights(w.rank, runtime.current_round())
         missing = sorted(set(nb) - set(w.slot_of))
         if missing:  # cannot happen for the creation topology; guards odd families
-            raise DecommError(f"win_update '{name}': ranks {missing} have no slot here")
+            raise DecommError(f"win_update '{name}' on rank {w.rank}: the topology's weights "
+                              f"name ranks {missing}, which have no slot here")
     else:
         sw = _weight(self_weight, "self_weight", "win_update", w)
         nb = _ranks_map(neighbor_weights, "neighbor_weights", "win_update", w, w.slot_of, "in")

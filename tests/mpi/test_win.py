@@ -297,6 +297,46 @@ def test_errors():
         W.win_free("e")
 
 
+def test_error_messages_name_rank_window_and_neighbour():
+    """Every bad-input error says which rank, which window and (if any) which neighbour."""
+    n, r = decomm.size(), decomm.rank()
+    decomm.set_topology(T.RingGraph(n))
+    x = value(r).clone()
+    W.win_create(x, "msg")
+    at = f"on rank {r}"
+
+    def check(exc, call, *parts):
+        with pytest.raises(exc) as info:
+            call()
+        text = str(info.value)
+        for part in (at, *parts):
+            assert part in text, (part, text)
+
+    check(TypeError, lambda: W.win_create(x, ""), "win_create", "non-empty str")
+    check(TypeError, lambda: W.win_create([1.0], "lst"), "'lst'", "list")
+    check(TypeError, lambda: W.win_get(3), "win_get", "int 3")
+    check(TypeError, lambda: W.win_put([1.0], "msg"), "win_put 'msg'", "list")
+    check(decomm.DecommError, lambda: W.win_put(torch.zeros(7, dtype=torch.float64), "msg"),
+          "'msg'", "(7,)", "(6,)")
+    check(TypeError, lambda: W.win_put(x, "msg", dst_weights=[1]), "'msg'", "dict")
+    check(TypeError, lambda: W.win_get("msg", src_weights={"a": 1.0}), "'msg'", "'a'")
+    check(ValueError, lambda: W.win_get("msg", src_weights={r: 1.0}), "'msg'", "itself")
+    check(ValueError, lambda: W.win_update("msg", self_weight=0.5), "'msg'", "together")
+    for j in W.win_in_neighbors("msg"):
+        check(ValueError, lambda j=j: W.win_get("msg", src_weights={j: float("inf")}),
+              "win_get 'msg'", f"src_weights[{j}]", "not finite")
+        check(TypeError,
+              lambda j=j: W.win_update("msg", self_weight=1.0, neighbor_weights={j: "1"}),
+              "win_update 'msg'", f"neighbor_weights[{j}]")
+    for j in W.win_out_neighbors("msg"):
+        check(ValueError, lambda j=j: W.win_put(x, "msg", dst_weights={j: float("nan")}),
+              "win_put 'msg'", f"dst_weights[{j}]")
+    far = n + 3  # never a neighbour: the message names it and lists the real ones
+    check(ValueError, lambda: W.win_put(x, "msg", dst_weights={far: 1.0}), "'msg'",
+          f"rank {far}", f"out-neighbours: {W.win_out_neighbors('msg')}")
+    decomm.barrier()
+
+
 def test_soak_random_one_sided_traffic():
     """A few thousand random one-sided ops, interleaved with collectives; exact at the end."""
     n, r = decomm.size(), decomm.rank()

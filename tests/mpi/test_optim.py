@@ -275,7 +275,84 @@ def test_d2_warns_on_eigenvalue_minus_one_third():
         warnings.simplefilter("always")
         D2(torch.optim.SGD(model.parameters(), lr=0.1))
     msgs = [str(w.message) for w in rec if "D2" in str(w.message)]
-    if n % 2 == 0:
-        assert msgs and "-0.333333" in msgs[0]
+    if n % 2 == 0 and decomm.rank() == 0:  # one warning per job, not one per rank
+        assert len(msgs) == 1 and "-0.333333" in msgs[0]
     else:
         assert not msgs
+
+
+def star_in(n: int) -> Topology:
+    """Row-stochastic, not column-stochastic: every rank listens to rank 0, rank 0 to nobody."""
+    w = np.eye(n) * 0.5
+    w[0, 0] = 1.0
+    w[1:, 0] = 0.5
+    return Topology.from_matrices([w], name="star-in")
+
+
+@pytest.mark.parametrize("cls", [DSGD, GradientTracking])
+def test_column_sum_warning_on_rank_0_only(cls):
+    n = decomm.size()
+    if n < 2:
+        pytest.skip("one rank: W = [[1]]")
+    decomm.set_topology(star_in(n))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        cls(torch.optim.SGD(linear().parameters(), lr=0.1))
+    msgs = [str(w.message) for w in rec if "doubly stochastic" in str(w.message)]
+    if decomm.rank() == 0:
+        assert len(msgs) == 1
+        assert f"column 0 of W(0) of the topology star-in sums to {1 + (n - 1) / 2:.6g}" in msgs[0]
+    else:
+        assert not msgs
+
+
+def test_state_dict_world_is_recorded_and_checked():
+    n, r = decomm.size(), decomm.rank()
+    topo = OnePeerExponentialGraph(n)
+    decomm.set_topology(topo)
+    model = linear()
+    opt = GradientTracking(torch.optim.SGD(model.parameters(), lr=0.1))
+    train(model, opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    dc = sd["decomm"]
+    assert (dc["size"], dc["rank"]) == (n, r)
+    assert dc["topology_fingerprint"] == topo.fingerprint() and dc["topology"] == topo.name
+    opt.load_state_dict(sd)  # same world: fine
+    sd["decomm"]["size"] = n + 1
+    with pytest.raises(ValueError, match=rf"rank {r} of {n}: the state_dict was saved by "
+                                         rf"rank {r} of {n + 1}"):
+        opt.load_state_dict(sd)
+    opt.load_state_dict(sd, strict_world=False)
+    assert opt.steps == 2 and not opt._initialized
+    train(model, opt, 1)  # restarts with y^0 = g^0 on every rank
+    assert opt.steps == 3
+
+
+def test_consensus_distance_with_buffers():
+    n, r = decomm.size(), decomm.rank()
+    model = nn.Sequential(nn.Linear(2, 2, dtype=torch.float64),
+                          nn.BatchNorm1d(2, dtype=torch.float64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)  # equal on every rank
+        model[1].running_mean.fill_(float(r))
+        model[1].running_var.fill_(2.0 * r)
+    assert consensus_distance(model) == 0.0
+    # 4 buffer entries: r, r, 2r, 2r; (1/n) sum_r ||b_r - b̄||^2 = (1 + 1 + 4 + 4) Var(r)
+    var = float(np.var(np.arange(n)))
+    got = consensus_distance(model, include_buffers=True, exact=True)
+    assert got == pytest.approx(10.0 * var, rel=1e-12, abs=1e-15)
+
+
+def test_message_size_limit_names_the_rank(monkeypatch):
+    from decomm.optim import PushSum
+
+    n, r = decomm.size(), decomm.rank()
+    if n < 2:
+        pytest.skip("a single rank sends no message")
+    monkeypatch.setattr("decomm.optim.comm.MAX_MESSAGE_BYTES", 40)
+    model = linear()  # 5 float64 = 40 bytes; push-sum adds the weight: 48
+    DSGD(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(decomm.DecommError, match=rf"PushSum on rank {r}: the 1 torch\.float64 "
+                                                 r"parameters on cpu form one flat message of 48"):
+        PushSum(torch.optim.SGD(linear().parameters(), lr=0.1))

@@ -296,7 +296,7 @@ def set_machine_topology(topology: Any) -> None:
         raise ValueError(f"the machine topology has n={topo.n} nodes but there are "
                          f"{st.machines} machines ({st.grouping}); build it for "
                          "decomm.hierarchical.machine_size() nodes")
-    if topo.rounds is not None and not topo.is_row_stochastic(1e-9):
+    if topo.rounds is not None and not topo.is_row_stochastic(max(1e-9, topo.stochastic_tol)):
         raise ValueError(f"{topo.name}: every round must be row-stochastic")
     digest = _hash64(topo)
     rt = runtime._require()

@@ -25,7 +25,7 @@ from .basegraph import (
     hyper_hypercube_factors,
     simple_base_length,
 )
-from .core import SparseRound, Topology
+from .core import SparseRound, Topology, stochastic_tolerance
 from .equitopo import EquiDyn, EquiStatic
 from .exponential import ExponentialGraph, HypercubeGraph, OnePeerExponentialGraph
 from .plotting import plot_consensus
@@ -50,4 +50,5 @@ __all__ = [
     "hyper_hypercube_factors",
     "plot_consensus",
     "simple_base_length",
+    "stochastic_tolerance",
 ]

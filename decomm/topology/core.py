@@ -33,7 +33,7 @@ import numpy as np
 from . import analysis as _analysis
 from ._sparse import SparseRound
 
-__all__ = ["SparseRound", "Topology"]
+__all__ = ["SparseRound", "Topology", "stochastic_tolerance"]
 
 #: Number of rounds (t = 0 .. SAMPLE_ROUNDS-1) that analysis of a random family
 #: (max degree, stochasticity, symmetry, expected spectral gap) looks at.
@@ -50,17 +50,84 @@ def _check_int(value: Any, what: str, minimum: int = 0) -> int:
     return value
 
 
-def _as_numpy_matrix(m: Any, index: int) -> np.ndarray:
-    """Convert a numpy array / torch tensor / nested list into a float64 ndarray."""
+#: Machine epsilon of float64, the precision of every built-in constructor.
+FLOAT64_EPS = float(np.finfo(np.float64).eps)
+
+#: Largest row-sum error ever put down to rounding: beyond it a row is wrong, whatever
+#: the input precision (reached only for float16/bfloat16 input or float32 with n > 4e4).
+MAX_STOCHASTIC_TOL = 1e-2
+
+
+def stochastic_tolerance(n: int, eps: float = FLOAT64_EPS) -> float:
+    """How far from 1 a row (or column) sum of an n x n mixing matrix may be, for input
+    given with machine epsilon ``eps``: ``min(n * max(1e-12, 2 eps), 1e-2)``.
+
+    Rounding an exactly stochastic row to a binary format moves each weight by at most
+    ``eps/2`` of itself, hence the row sum by at most ``eps/2``; a matrix computed in
+    that format (``A / A.sum(1)``) accumulates up to about ``n eps/2``.  So float64 keeps
+    ``1e-12 n`` and float32 gets ``2.4e-7 n`` (the 1/3 ring stored as float32 sums to
+    ``1 + 2.98e-8``), float16 ``0.002 n``; the result is capped at ``1e-2``, which is
+    still above the ``2^-8`` by which rounding to bfloat16 can move a row sum.
+    """
+    return min(n * max(1e-12, 2.0 * max(float(eps), FLOAT64_EPS)), MAX_STOCHASTIC_TOL)
+
+
+def _dtype_eps(dtype: Any) -> float:
+    """Machine epsilon of a numpy or torch dtype; float64's for exact (integer, bool)
+    and unknown types."""
+    if getattr(dtype, "is_floating_point", False) and getattr(dtype, "itemsize", 8) < 8:
+        import torch  # a torch dtype: torch is already imported by whoever made it
+
+        return float(torch.finfo(dtype).eps)
+    try:
+        np_dtype = np.dtype(dtype)
+    except TypeError:
+        return FLOAT64_EPS
+    if np.issubdtype(np_dtype, np.floating):
+        return max(float(np.finfo(np_dtype).eps), FLOAT64_EPS)
+    return FLOAT64_EPS
+
+
+def _as_numpy_matrix(m: Any, index: int) -> tuple[np.ndarray, float]:
+    """Convert a numpy array / torch tensor / nested list into a float64 ndarray.
+
+    Returns the array and the machine epsilon of the input's dtype (float32 input:
+    ``2**-23``), which sets how close to 1 its row sums can be expected to be.  The
+    float64 array holds exactly the given values (a float32 1/3 stays 0.3333333432...).
+    """
     if hasattr(m, "detach") and hasattr(m, "cpu"):  # torch.Tensor, without importing torch
+        eps = _dtype_eps(m.dtype)
         m = m.detach().cpu()
         m = (m.double() if hasattr(m, "double") else m).numpy()  # bfloat16 has no numpy twin
+    else:
+        try:
+            eps = _dtype_eps(np.asarray(m).dtype)  # lists of np.float32 scalars too
+        except (TypeError, ValueError):
+            eps = FLOAT64_EPS
     try:
         arr = np.asarray(m, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(
             f"round {index}: cannot convert {type(m).__name__} to a float matrix") from exc
-    return arr
+    return arr, eps
+
+
+def _precision_label(eps: float) -> str:
+    return {FLOAT64_EPS: "float64", 2.0**-23: "float32", 2.0**-10: "float16",
+            2.0**-7: "bfloat16"}.get(eps, f"eps={eps:.3g}")
+
+
+#: Weights enter the fingerprint rounded to multiples of this (2^-40 ~ 9.1e-13), so that
+#: constructions that differ only in rounding (1/3 against 1 - 2/3) agree, while any
+#: difference above the grid is caught.
+FINGERPRINT_GRID = 2.0**-40
+
+
+def _fingerprint_weights(data: np.ndarray) -> np.ndarray:
+    """Weights on the fingerprint grid, as little-endian float64 (integers up to 2^53
+    exactly; larger weights of hand-built rounds keep their own value)."""
+    q = np.rint(np.asarray(data, dtype=np.float64) / FINGERPRINT_GRID) + 0.0  # no -0.0
+    return q.astype("<f8")
 
 
 class Topology:
@@ -77,6 +144,10 @@ class Topology:
         params: the constructor parameters (includes ``seed`` for random families).
         kind: the constructor's name, e.g. ``"BaseGraph"``.
         details: construction notes (e.g. hyper-hypercube factors, torus shape).
+        stochastic_tol: how far from 1 a row or column sum may be given the precision
+            the matrices were given in (:func:`stochastic_tolerance`): ``1e-12 * n`` for
+            the constructors and float64 input, ``2.4e-7 * n`` for float32 input.
+            :meth:`is_row_stochastic` and :meth:`is_doubly_stochastic` use it by default.
 
     >>> W = [[0.5, 0.5], [0.5, 0.5]]
     >>> topo = Topology.from_matrices([W])
@@ -94,13 +165,15 @@ class Topology:
         kind: str = "Topology",
         params: Mapping[str, Any] | None = None,
         sample_rounds: int = SAMPLE_ROUNDS,
+        stochastic_tol: float | None = None,
     ) -> None:
         """Low-level constructor; prefer the graph constructors or :meth:`from_matrices`.
 
         Give either ``round_list`` (the cycle, as :class:`SparseRound` objects) or
         ``generator`` (``t -> SparseRound``, a pure function of t for a random family;
         its identity must be fully described by ``params``, which the fingerprint
-        hashes).  Rounds are not validated here.
+        hashes).  Rounds are not validated here.  ``stochastic_tol`` (default
+        ``stochastic_tolerance(n)``, float64 precision) is kept as an attribute.
         """
         self.n = _check_int(n, "n", 1)
         if (round_list is None) == (generator is None):
@@ -114,6 +187,8 @@ class Topology:
         self._cache: OrderedDict[int, SparseRound] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.sample_rounds = int(sample_rounds)
+        self.stochastic_tol = (stochastic_tolerance(self.n) if stochastic_tol is None
+                               else float(stochastic_tol))
         if round_list is not None:
             rl = list(round_list)
             if not rl:
@@ -137,8 +212,12 @@ class Topology:
 
         A single 2-D matrix is accepted as a static topology.  Each matrix is
         validated: 2-D, square, all of the same size, finite, non-negative, and every
-        row sums to 1 within ``1e-12 * n``.  The ValueError names the round index and
-        the row / entry at fault.
+        row sums to 1 within the tolerance of its dtype, ``stochastic_tolerance(n, eps)``
+        (``1e-12 * n`` for float64, ``2.4e-7 * n`` for float32 tensors or arrays, so the
+        1/3 ring written as a default float32 tensor is accepted).  The matrices are
+        stored as float64 (the given values, converted exactly) and the topology's
+        ``stochastic_tol`` is that of its least precise round.  The ValueError names the
+        round index and the row / entry at fault.
 
         >>> Topology.from_matrices([[[1.0, 0.0], [0.5, 0.5]]]).in_neighbors(1, 0)
         [0]
@@ -155,10 +234,17 @@ class Topology:
             raise ValueError("from_matrices expects a list of 2-D matrices") from exc
         if not mats:
             raise ValueError("from_matrices needs at least one matrix")
+        return cls._from_arrays([_as_numpy_matrix(m, idx) for idx, m in enumerate(mats)], name)
+
+    @classmethod
+    def _from_arrays(cls, arrays: Sequence[tuple[np.ndarray, float]],
+                     name: str | None) -> Topology:
+        """Validate (float64 array, input eps) pairs and build the cycle."""
         n = None
         rounds = []
-        for idx, m in enumerate(mats):
-            arr = _as_numpy_matrix(m, idx)
+        worst_eps = FLOAT64_EPS
+        for idx, (arr, eps) in enumerate(arrays):
+            worst_eps = max(worst_eps, eps)
             if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
                 raise ValueError(f"round {idx}: matrix must be square 2-D, got shape {arr.shape}")
             if n is None:
@@ -176,18 +262,21 @@ class Topology:
                 i, j = map(int, np.argwhere(arr < 0)[0])
                 raise ValueError(f"round {idx}: negative weight W[{i}, {j}] = {float(arr[i, j])!r}")
             sums = arr.sum(axis=1)
-            off = np.abs(sums - 1.0) > 1e-12 * n
+            tol = stochastic_tolerance(n, eps)
+            off = np.abs(sums - 1.0) > tol
             if off.any():
                 i = int(np.argmax(off))
                 raise ValueError(
-                    f"round {idx}: row {i} sums to {float(sums[i])!r}, not 1 "
-                    "(rows must be stochastic: x_new[i] = sum_j W[i, j] x[j])")
+                    f"round {idx}: row {i} sums to {float(sums[i])!r}, not 1 within {tol:.3g} "
+                    f"(the tolerance for {_precision_label(eps)} input with n={n}; rows must "
+                    "be stochastic: x_new[i] = sum_j W[i, j] x[j])")
             rounds.append(SparseRound.from_dense(arr))
         assert n is not None
         if name is None:
             name = f"Topology.from_matrices(n={n}, rounds={len(rounds)})"
         return cls(n, rounds, name=name, kind="FromMatrices",
-                   params={"n": n, "rounds": len(rounds)})
+                   params={"n": n, "rounds": len(rounds)},
+                   stochastic_tol=stochastic_tolerance(n, worst_eps))
 
     @classmethod
     def from_networkx(cls, graph: Any, name: str | None = None) -> Topology:
@@ -199,7 +288,8 @@ class Topology:
           Self-loops are ignored.
         * Directed ``nx.DiGraph``: the edge attribute ``weight`` of ``u -> v`` is taken as
           ``W[v, u]`` (v receives from u; a self-loop ``i -> i`` is ``W[i, i]``) and the
-          result is validated like :meth:`from_matrices`.  This is the inverse of
+          result is validated like :meth:`from_matrices` (weights given as float32
+          scalars get the float32 tolerance).  This is the inverse of
           :meth:`to_networkx`.
 
         Nodes must be the integers ``0 .. n-1`` (use
@@ -218,11 +308,16 @@ class Topology:
                              "(relabel with networkx.convert_node_labels_to_integers)")
         if graph.is_directed():
             mat = np.zeros((n, n))
+            eps = FLOAT64_EPS
             for u, v, w in graph.edges(data="weight"):
                 if w is None:
                     raise ValueError(f"directed edge {u} -> {v} has no 'weight' attribute")
+                if hasattr(w, "dtype"):  # a numpy / torch scalar keeps its precision
+                    eps = max(eps, _dtype_eps(w.dtype))
+                    w = float(w)
                 mat[v, u] = w
-            topo = cls.from_matrices([mat], name=name or f"Topology.from_networkx(n={n}, directed)")
+            topo = cls._from_arrays([(mat, eps)],
+                                    name or f"Topology.from_networkx(n={n}, directed)")
             topo.kind = "FromNetworkx"
             return topo
         edges = np.array([(u, v) for u, v in graph.edges() if u != v], dtype=np.int64)
@@ -344,21 +439,35 @@ class Topology:
 
     # ------------------------------------------------------------------ identity
     def fingerprint(self) -> str:
-        """A stable SHA-256 hex digest of the schedule.
+        """A stable SHA-256 hex digest of the schedule, for ranks to check they share it.
 
-        For a cycle: of kind, parameters, n, rounds and every round's CSR arrays
-        (exact float64 bytes). For a random family: of kind, parameters (seed
-        included) and n, which determine every round.  Ranks compare it to check they
-        share the same schedule.
+        For a cycle: of n, the number of rounds and every round's CSR arrays (the
+        sparsity pattern exactly, the weights rounded to multiples of
+        :data:`FINGERPRINT_GRID` = 2^-40 ~ 9.1e-13), i.e. of the matrices
+        ``W(0), ..., W(L-1)`` themselves; how they were built (``RingGraph(4)``,
+        :meth:`from_matrices`, :meth:`from_networkx`), the name and the kind do not
+        enter, so the same W built two ways has one fingerprint.  Weights that differ
+        by more than the grid always change it; a difference of a few ulps (``1/3``
+        against ``1 - 2/3``, one ulp apart) does not, unless the two values straddle
+        the midpoint between two grid points (chance ~1e-4 per entry for arbitrary
+        weights, none for 1/k with k < 1000).  For a random family
+        (no stored rounds): of kind, parameters (seed included) and n, which determine
+        every round.  Deterministic across processes, machines and Python versions.
         """
         if self._fingerprint is None:
             h = hashlib.sha256()
-            header = {"kind": self.kind, "n": self.n, "rounds": self.rounds,
-                      "params": {k: repr(v) for k, v in sorted(self.params.items())}}
+            if self._rounds is not None:
+                header: dict[str, Any] = {"schedule": "cycle", "n": self.n,
+                                          "rounds": self.rounds}
+            else:
+                header = {"schedule": "random", "kind": self.kind, "n": self.n,
+                          "params": {k: repr(v) for k, v in sorted(self.params.items())}}
             h.update(json.dumps(header, sort_keys=True).encode())
             if self._rounds is not None:
                 for r in self._rounds:
-                    h.update(r.content_bytes())
+                    h.update(r.indptr.astype("<i8").tobytes())
+                    h.update(r.indices.astype("<i8").tobytes())
+                    h.update(_fingerprint_weights(r.data).tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -381,16 +490,20 @@ class Topology:
                 best = max(best, int(r.in_degrees().max()), int(r.out_degrees().max()))
         return best
 
-    def is_row_stochastic(self, tol: float = 1e-12) -> bool:
-        """Every inspected round is non-negative with rows summing to 1 (within tol)."""
+    def is_row_stochastic(self, tol: float | None = None) -> bool:
+        """Every inspected round is non-negative with rows summing to 1 within ``tol``
+        (default :attr:`stochastic_tol`, the tolerance of the input's precision)."""
+        tol = self.stochastic_tol if tol is None else tol
         return all(bool((r.data >= 0).all() and np.abs(r.row_sums() - 1).max() <= tol)
                    for r in self._iter_rounds())
 
-    def is_doubly_stochastic(self, tol: float = 1e-12) -> bool:
-        """Every inspected round is non-negative with rows and columns summing to 1.
+    def is_doubly_stochastic(self, tol: float | None = None) -> bool:
+        """Every inspected round is non-negative with rows and columns summing to 1
+        within ``tol`` (default :attr:`stochastic_tol`).
 
         For a random family: rounds 0 .. ``sample_rounds``-1.
         """
+        tol = self.stochastic_tol if tol is None else tol
         return all(bool((r.data >= 0).all()
                         and np.abs(r.row_sums() - 1).max() <= tol
                         and np.abs(r.col_sums() - 1).max() <= tol)

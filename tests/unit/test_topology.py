@@ -143,6 +143,145 @@ def test_tolerance_scales_with_n() -> None:
         Topology.from_matrices([w])
 
 
+RING4 = [[1 / 3, 1 / 3, 0.0, 1 / 3], [1 / 3, 1 / 3, 1 / 3, 0.0],
+         [0.0, 1 / 3, 1 / 3, 1 / 3], [1 / 3, 0.0, 1 / 3, 1 / 3]]
+F32_THIRD = float(np.float32(1 / 3))  # 0.3333333432674408: rows sum to 1 + 2.98e-8
+EPS32 = 2.0**-23
+
+
+def test_float32_ring_is_accepted_with_the_float32_tolerance() -> None:
+    """The docs' 1/3 ring as a default (float32) torch tensor: rows sum to 3 * fl32(1/3)
+    = 1 + 2.98e-8 > 1e-12 * n, well inside the float32 tolerance 2 eps n = 9.5e-7."""
+    torch = pytest.importorskip("torch")
+    w = torch.tensor(RING4)
+    assert w.dtype == torch.float32
+    assert abs(3 * F32_THIRD - 1 - 2.9802322387695312e-08) < 1e-20
+    for given in (w, [w], w.numpy(), [[np.float32(v) for v in row] for row in RING4]):
+        t = Topology.from_matrices(given)
+        assert t.stochastic_tol == 4 * 2 * EPS32  # n * 2 eps
+        assert t.matrix(0)[0, 0] == F32_THIRD  # the given values, as float64, unrounded
+        assert t.matrix(0).dtype == np.float64
+        assert t.is_row_stochastic() and t.is_doubly_stochastic()
+        # the check runtime.set_topology / set_machine_topology make
+        assert t.is_row_stochastic(max(1e-9, t.stochastic_tol))
+        assert not t.is_row_stochastic(1e-9)  # what they checked before: rejected
+    # float64 input keeps the float64 tolerance; the same float32 values are then wrong
+    f64 = Topology.from_matrices(np.array(RING4))
+    assert f64.stochastic_tol == 4 * 1e-12 == RingGraph(4).stochastic_tol
+    with pytest.raises(ValueError, match=r"row 0 sums to 1.0000000298.* within 4e-12.*float64"):
+        Topology.from_matrices(w.double())
+    # a float32 row that is really off (1e-5 > 9.5e-7) is still rejected, naming float32
+    bad = w.clone()
+    bad[2, 2] += 1e-5
+    with pytest.raises(ValueError, match=r"round 0: row 2 sums to 1.00001.*float32 input with n=4"):
+        Topology.from_matrices(bad)
+
+
+def test_stochastic_tolerance_follows_the_dtype() -> None:
+    torch = pytest.importorskip("torch")
+    assert T.stochastic_tolerance(100) == 100 * 1e-12  # float64: 1e-12 n
+    assert T.stochastic_tolerance(100, EPS32) == 100 * 2 * EPS32
+    assert T.stochastic_tolerance(10**6, EPS32) == 1e-2  # capped: 1% is never rounding
+    # bfloat16 1/3 = 0.333984375: a row of three sums to 1.00195, inside the cap 1e-2
+    # (2 eps n = 0.0625 at n=4; rounding moves a row sum by at most 2^-8 = 0.0039)
+    t = Topology.from_matrices(torch.tensor(RING4, dtype=torch.bfloat16))
+    assert t.matrix(0)[0, 0] == 0.333984375 and t.stochastic_tol == 1e-2
+    half = Topology.from_matrices(np.array(RING4, dtype=np.float16))
+    assert half.stochastic_tol == 4 * 2 * 2.0**-10
+    # a list of rounds: the least precise round sets the topology's tolerance
+    mixed = Topology.from_matrices([np.eye(4), torch.tensor(RING4)])
+    assert mixed.stochastic_tol == 8 * EPS32
+    exact = Topology.from_matrices(np.eye(3, dtype=np.int64))  # integers are exact
+    assert exact.stochastic_tol == 3 * 1e-12
+
+
+def test_directed_networkx_with_float32_weights() -> None:
+    g = nx.DiGraph()
+    for i in range(4):
+        for j in range(4):
+            if RING4[i][j]:
+                g.add_edge(j, i, weight=np.float32(RING4[i][j]))  # j sends to i
+    t = Topology.from_networkx(g)
+    assert t.stochastic_tol == 8 * EPS32 and t.matrix(0)[1, 2] == F32_THIRD
+    g[0][1]["weight"] = np.float32(0.5)  # W[1, 0]: row 1 now sums to 1.1667
+    with pytest.raises(ValueError, match="row 1 sums to 1.166"):
+        Topology.from_networkx(g)
+
+
+def test_fingerprint_compares_the_matrices_not_the_construction() -> None:
+    ring = RingGraph(4)
+    same = [Topology.from_matrices(ring.matrix(0)), Topology.from_matrices([ring.matrix(0)]),
+            Topology.from_networkx(nx.cycle_graph(4)), Topology.from_matrices(RING4, name="x")]
+    assert {t.fingerprint() for t in same} == {ring.fingerprint()}
+    # 1 - 2/3 (networkx's diagonal) is one ulp above 1/3 (RingGraph's): same schedule
+    assert Topology.from_networkx(nx.cycle_graph(4)).matrix(0)[0, 0] != ring.matrix(0)[0, 0]
+    for n in range(3, 60):
+        assert RingGraph(n).fingerprint() == Topology.from_networkx(nx.cycle_graph(n)).fingerprint()
+        assert (FullyConnectedGraph(n).fingerprint()
+                == Topology.from_networkx(nx.complete_graph(n)).fingerprint())
+        star = Topology.from_networkx(nx.star_graph(n - 1))
+        assert StarGraph(n).fingerprint() == star.fingerprint()
+    # the same matrices under two constructors' names: one schedule
+    assert RingGraph(3).fingerprint() == FullyConnectedGraph(3).fingerprint()  # both J/3
+    b = BaseGraph(12, 2)
+    assert Topology.from_matrices([b.matrix(t) for t in range(b.rounds)]).fingerprint() \
+        == b.fingerprint()
+    # what tells schedules apart: n, the number of rounds, the pattern and the weights
+    a = ring.matrix(0)
+    assert Topology.from_matrices([a, a]).fingerprint() != ring.fingerprint()
+    assert Topology.from_matrices([a, np.eye(4)]).fingerprint() \
+        != Topology.from_matrices([np.eye(4), a]).fingerprint()
+    nudged = a.copy()
+    nudged[0, 0] += 1e-12  # above the 2^-40 = 9.1e-13 grid
+    nudged[0, 1] -= 1e-12
+    assert Topology.from_matrices(nudged).fingerprint() != ring.fingerprint()
+    # random families are told apart by their parameters (no stored rounds)
+    assert EquiDyn(8, seed=1).fingerprint() != EquiDyn(8, seed=1, eta=0.25).fingerprint()
+
+
+def _expected_ring4_digest() -> str:
+    """The documented definition, by hand: header, then CSR of W = (I + S + S^T) / 3
+    with every weight on the 2^-40 grid (rint(2^40 / 3) = 366503875925)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps({"schedule": "cycle", "n": 4, "rounds": 1},
+                                  sort_keys=True).encode())
+    h.update(np.array([0, 3, 6, 9, 12], dtype="<i8").tobytes())
+    h.update(np.array([0, 1, 3, 0, 1, 2, 1, 2, 3, 0, 2, 3], dtype="<i8").tobytes())
+    h.update(np.full(12, 366503875925.0, dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+def _expected_equidyn_digest() -> str:
+    import hashlib
+    import json
+
+    params = {"eta": "0.5", "n": "8", "seed": "3", "undirected": "False"}
+    return hashlib.sha256(json.dumps({"schedule": "random", "kind": "EquiDyn", "n": 8,
+                                      "params": params}, sort_keys=True).encode()).hexdigest()
+
+
+PINNED_RING4 = "2f5b3a12d0dd29ab867aae7c7a6483a5067339731491db8b240672ddc61ea94e"
+PINNED_EQUIDYN8 = "ef62058a8256de0b5ef0bbf99d8ab5682cf3da616e8b15924711f444279c9aa3"
+
+
+def test_fingerprint_is_stable() -> None:
+    """The digest follows its documented definition and is pinned: the same schedule
+    gives the same fingerprint in every process, machine and later version (ranks and
+    checkpoints compare them)."""
+    assert _expected_ring4_digest() == PINNED_RING4
+    assert _expected_equidyn_digest() == PINNED_EQUIDYN8
+    assert RingGraph(4).fingerprint() == PINNED_RING4
+    assert EquiDyn(8, seed=3).fingerprint() == PINNED_EQUIDYN8
+    code = ("from decomm.topology import RingGraph, EquiDyn;"
+            "print(RingGraph(4).fingerprint(), EquiDyn(8, seed=3).fingerprint())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONHASHSEED": "123", "PATH": "/usr/bin:/bin"},
+                         cwd=Path(__file__).resolve().parent.parent.parent, check=True)
+    assert out.stdout.split() == [PINNED_RING4, PINNED_EQUIDYN8]
+
+
 def test_fingerprint() -> None:
     a = Topology.from_matrices([DIRECTED])
     b = Topology.from_matrices([DIRECTED.copy()])

@@ -5,8 +5,8 @@ step alone, its round counter fell one behind the others' and the next exchange
 paired mismatched rounds (then hung).  Here rank 1's gradient is set to inf in
 the first step; every rank must skip (same parameters, same round), and the
 second, finite step must give the closed form ``x_i = x0 - lr (W c)_i`` (ATC,
-gradient tracking's first step) or ``x0 - lr c_i`` (AWC), with ``c_i`` rank i's
-unscaled gradient.
+gradient tracking's first step, push-sum over a one-peer graph) or
+``x0 - lr c_i`` (AWC), with ``c_i`` rank i's unscaled gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 import decomm
 import decomm.amp
-from decomm.optim import DSGD, GradientTracking
+from decomm.optim import DSGD, GradientTracking, PushSum
 from decomm.topology import OnePeerExponentialGraph
 
 S = 2.0**10
@@ -44,7 +44,7 @@ def gathered(x: float) -> list[float]:
 
 
 @pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, decomm.amp.GradScaler])
-@pytest.mark.parametrize("case", ["atc", "awc", "gt"])
+@pytest.mark.parametrize("case", ["atc", "awc", "gt", "push"])
 def test_one_rank_overflow_skips_everywhere(case, scaler_cls):
     n, r = decomm.size(), decomm.rank()
     if n < 2:
@@ -58,6 +58,8 @@ def test_one_rank_overflow_skips_everywhere(case, scaler_cls):
         "atc": lambda: DSGD(inner),
         "awc": lambda: DSGD(inner, combine_first=True),  # exchange starts in backward
         "gt": lambda: GradientTracking(inner),
+        # one out-neighbour per round: P = (I + A)/2 = W, so w stays 1 and z = ATC's x
+        "push": lambda: PushSum(inner),
     }[case]()
     scaler = scaler_cls("cpu", init_scale=S, growth_interval=1000)
     x0 = model.weight.detach().clone()

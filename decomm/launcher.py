@@ -8,7 +8,7 @@ becomes (on a 2-core machine, as root)::
 
     /path/to/mpirun --allow-run-as-root --oversubscribe --bind-to none \\
         -x OMP_NUM_THREADS=1 -x MKL_NUM_THREADS=1 -x OPENBLAS_NUM_THREADS=1 \\
-        -np 25 python examples/train.py --topology base --k 1
+        -x 'OMPI_MCA_osc=^ucx' -np 25 python examples/train.py --topology base --k 1
 
 What it adds, and when:
 

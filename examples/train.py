@@ -42,19 +42,11 @@ import decomm
 import decomm.optim
 from decomm.data import DATASETS, dirichlet_split, load_dataset, split_summary
 from decomm.models import MODELS, build_model, count_parameters, default_model
-from decomm.topology import (
-    BaseGraph,
-    EquiDyn,
-    ExponentialGraph,
-    FullyConnectedGraph,
-    HyperHypercube,
-    OnePeerExponentialGraph,
-    RingGraph,
-    SimpleBaseGraph,
-    Topology,
-    TorusGraph,
-)
+from decomm.topology import Topology, by_name, canonical_name, graph_names, graph_params
 
+#: The topologies this example documents and compares (examples/README.md), in the
+#: canonical spelling of ``decomm.topology.by_name``. ``--topology`` accepts every name
+#: of ``decomm.topology.graph_names()`` and the older aliases (``onepeer``, ``hh``, ...).
 TOPOLOGIES = ("base", "simple-base", "hyper-hypercube", "exp", "one-peer-exp", "ring", "torus",
               "equidyn", "full")
 OPTIMIZERS = ("dsgd", "gt", "d2", "qgdsgdm")
@@ -68,25 +60,24 @@ PAYLOAD_FACTOR = {"dsgd": 1, "gt": 2, "d2": 1, "qgdsgdm": 1}
 
 
 def make_topology(name: str, n: int, k: int = 1, seed: int = 0) -> Topology:
-    """Build the topology called ``name`` (one of :data:`TOPOLOGIES`) for ``n`` nodes.
+    """Build the topology called ``name`` (a name of ``decomm.topology.graph_names()`` or
+    an alias) for ``n`` nodes, through ``decomm.topology.by_name``.
 
     ``k`` is the maximum degree of the Base-(k+1) family (``base``, ``simple-base``,
-    ``hyper-hypercube``); ``seed`` seeds EquiDyn's random rounds.
+    ``hyper-hypercube``); ``seed`` seeds EquiDyn's and EquiStatic's random rounds.
+    Graphs that take neither ignore them.
     """
-    builders = {
-        "base": lambda: BaseGraph(n, k),
-        "simple-base": lambda: SimpleBaseGraph(n, k),
-        "hyper-hypercube": lambda: HyperHypercube(n, k),
-        "exp": lambda: ExponentialGraph(n),
-        "one-peer-exp": lambda: OnePeerExponentialGraph(n),
-        "ring": lambda: RingGraph(n),
-        "torus": lambda: TorusGraph(n),
-        "equidyn": lambda: EquiDyn(n, seed=seed),
-        "full": lambda: FullyConnectedGraph(n),
-    }
-    if name not in builders:
-        raise ValueError(f"unknown topology {name!r}; choose from {', '.join(TOPOLOGIES)}")
-    return builders[name]()
+    given = {"k": k, "seed": seed}
+    wanted = graph_params(name)  # ValueError "unknown topology ..." for a bad name
+    return by_name(name, n, **{p: v for p, v in given.items() if p in wanted})
+
+
+def _topology_arg(name: str) -> str:
+    """argparse type of ``--topology``: the canonical name (aliases accepted)."""
+    try:
+        return canonical_name(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def make_inner_optimizer(params: Any, lr: float, momentum: float,
@@ -127,8 +118,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 # ----------------------------------------------------------------------------- arguments
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (see ``--help``)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (every flag has a help text: ``--help``)."""
     p = argparse.ArgumentParser(
         description="Decentralized training with decomm (run under mpirun / decomm-run).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -136,31 +127,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="digits and synthetic are offline; the others read --data-dir")
     p.add_argument("--data-dir", default=None,
                    help="directory with the FashionMNIST / CIFAR-10 files "
-                        "(default $DECOMM_DATA or ./data)")
+                        "(unset: $DECOMM_DATA, else ./data)")
     p.add_argument("--model", choices=MODELS, default=None,
-                   help="default: mlp for digits/synthetic, lenet for fashionmnist, "
+                   help="unset: mlp for digits/synthetic, lenet for fashionmnist, "
                         "vgg11 for cifar10")
-    p.add_argument("--topology", choices=TOPOLOGIES, default="base")
-    p.add_argument("--k", type=int, default=1, help="max degree of the Base-(k+1) family")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="dsgd")
+    p.add_argument("--topology", type=_topology_arg, choices=graph_names(), default="base",
+                   metavar="NAME",
+                   help="communication graph, a name of decomm.topology.by_name: "
+                        f"{', '.join(graph_names())} (older spellings onepeer, simple, hh "
+                        "also work)")
+    p.add_argument("--k", type=int, default=1,
+                   help="max degree of the Base-(k+1) family (base, simple-base, "
+                        "hyper-hypercube); other graphs ignore it")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="dsgd",
+                   help="dsgd: decentralized SGD; gt: gradient tracking; d2: D^2 (static "
+                        "symmetric W with eigenvalues > -1/3); qgdsgdm: quasi-global momentum")
     p.add_argument("--lr", type=float, default=0.2, help="peak learning rate (cosine schedule)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.9,
+                   help="heavy-ball momentum of the local SGD (qgdsgdm: its quasi-global "
+                        "momentum)")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 weight decay of the local SGD")
     p.add_argument("--warmup-epochs", type=float, default=0.0,
                    help="linear warm-up before the cosine")
     p.add_argument("--communicate-every", type=int, default=1, help="local steps per exchange")
     p.add_argument("--alpha", type=float, default=0.1,
                    help="Dirichlet heterogeneity of the label split "
                         "(small = heterogeneous; inf = IID)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=20,
+                   help="passes over each rank's shard (the same number of steps on every "
+                        "rank)")
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, batch order, initialisation and random "
+                        "topologies")
     p.add_argument("--eval-samples", type=int, default=2000,
                    help="test samples used for the local-model accuracy (averaged model: all)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per rank (default: 1 for mlp/cnn, else cores / local ranks)")
+                   help="torch threads per rank (unset: 1 for mlp/cnn, else cores / local ranks)")
     p.add_argument("--out", default="runs", help="directory for the CSV and PNG")
     p.add_argument("--no-plot", action="store_true", help="write the CSV only")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (see ``--help``), checked."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.k < 1:
         p.error("--k must be >= 1")
@@ -213,8 +225,7 @@ def _correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
 
 def run_name(args: argparse.Namespace, n: int) -> str:
     """File stem of a run's outputs, e.g. ``digits_base-k1_dsgd_a0.1_n25``."""
-    topo = args.topology + (f"-k{args.k}" if args.topology in ("base", "simple-base",
-                                                                "hyper-hypercube") else "")
+    topo = args.topology + (f"-k{args.k}" if "k" in graph_params(args.topology) else "")
     return f"{args.dataset}_{topo}_{args.optimizer}_a{args.alpha:g}_n{n}"
 
 

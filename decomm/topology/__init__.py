@@ -9,7 +9,8 @@ Constructors: :func:`RingGraph`, :func:`TorusGraph`, :func:`StarGraph`,
 :func:`FullyConnectedGraph`, :func:`ExponentialGraph`, :func:`OnePeerExponentialGraph`,
 :func:`HypercubeGraph`, :func:`HyperHypercube`, :func:`SimpleBaseGraph`,
 :func:`BaseGraph`, :func:`EquiDyn`, :func:`EquiStatic`,
-:meth:`Topology.from_matrices`, :meth:`Topology.from_networkx`.
+:meth:`Topology.from_matrices`, :meth:`Topology.from_networkx`; by name (the names
+every command line uses, e.g. ``"one-peer-exp"``): :func:`by_name`.
 
 >>> from decomm.topology import BaseGraph
 >>> t = BaseGraph(25, 2)
@@ -29,6 +30,7 @@ from .core import SparseRound, Topology, stochastic_tolerance
 from .equitopo import EquiDyn, EquiStatic
 from .exponential import ExponentialGraph, HypercubeGraph, OnePeerExponentialGraph
 from .plotting import plot_consensus
+from .registry import by_name, canonical_name, graph_names, graph_params
 from .static import FullyConnectedGraph, RingGraph, StarGraph, TorusGraph
 
 __all__ = [
@@ -47,6 +49,10 @@ __all__ = [
     "Topology",
     "TorusGraph",
     "base_graph_length",
+    "by_name",
+    "canonical_name",
+    "graph_names",
+    "graph_params",
     "hyper_hypercube_factors",
     "plot_consensus",
     "simple_base_length",

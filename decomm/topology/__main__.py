@@ -3,9 +3,12 @@
 Examples::
 
     python -m decomm.topology base --n 25 --k 2 --plot base25.png
-    python -m decomm.topology onepeer --n 12
+    python -m decomm.topology one-peer-exp --n 12
     python -m decomm.topology equidyn --n 64 --seed 1
     python -m decomm.topology compare --n 25 --k 2 --steps 40 --out curves.png
+
+The graph names are those of decomm.topology.by_name (the same as examples/train.py
+--topology); the older spellings onepeer, simple and hh still work.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Sequence
-from typing import TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -23,37 +26,27 @@ from . import (
     EquiDyn,
     EquiStatic,
     ExponentialGraph,
-    FullyConnectedGraph,
     HypercubeGraph,
-    HyperHypercube,
     OnePeerExponentialGraph,
     RingGraph,
     SimpleBaseGraph,
-    StarGraph,
     Topology,
     TorusGraph,
     plot_consensus,
 )
 from .analysis import apply_rounds
+from .registry import GRAPHS, by_name
 
 #: Above this n, dense analyses (spectral gap, full exactness check) are skipped.
 DENSE_LIMIT = 3000
 
-_GRAPHS: dict[str, tuple[Callable[[argparse.Namespace], Topology], str]] = {
-    "ring": (lambda a: RingGraph(a.n), "ring, weights 1/3"),
-    "torus": (lambda a: TorusGraph(a.n), "2-D torus"),
-    "star": (lambda a: StarGraph(a.n), "star centred on node 0"),
-    "full": (lambda a: FullyConnectedGraph(a.n), "fully connected, J/n"),
-    "exp": (lambda a: ExponentialGraph(a.n), "static exponential graph"),
-    "onepeer": (lambda a: OnePeerExponentialGraph(a.n), "one-peer exponential graph"),
-    "hypercube": (lambda a: HypercubeGraph(a.n), "one-peer hypercube (n a power of 2)"),
-    "hh": (lambda a: HyperHypercube(a.n, a.k), "k-peer hyper-hypercube"),
-    "simple": (lambda a: SimpleBaseGraph(a.n, a.k), "Simple Base-(k+1) graph"),
-    "base": (lambda a: BaseGraph(a.n, a.k), "Base-(k+1) graph"),
-    "equidyn": (lambda a: EquiDyn(a.n, eta=a.eta, undirected=a.undirected, seed=a.seed),
-                "EquiDyn random one-peer family"),
-    "equistatic": (lambda a: EquiStatic(a.n, a.m, undirected=a.undirected, seed=a.seed),
-                   "EquiStatic"),
+#: Command-line flag of each by_name parameter: (type or action, default, help).
+_PARAM_FLAGS: dict[str, tuple[Any, Any, str]] = {
+    "k": (int, None, "maximum degree per round"),
+    "seed": (int, 0, "seed of the random rounds / basis"),
+    "undirected": ("store_true", False, "undirected variant (symmetric rounds)"),
+    "eta": (float, 0.5, "weight moved to the peer in each round (0 < eta <= 1)"),
+    "m": (int, 2, "number of basis matrices"),
 }
 
 
@@ -138,32 +131,39 @@ def _compare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m decomm.topology", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for cmd, (_, help_) in _GRAPHS.items():
-        p = sub.add_parser(cmd, help=help_)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="GRAPH")
+    for spec in GRAPHS.values():
+        p = sub.add_parser(spec.name, aliases=list(spec.aliases), help=spec.help)
+        p.set_defaults(graph=spec.name)
         p.add_argument("--n", type=int, required=True, help="number of nodes")
-        if cmd in ("hh", "simple", "base"):
-            p.add_argument("--k", type=int, required=True, help="maximum degree per round")
-        if cmd in ("equidyn", "equistatic"):
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--undirected", action="store_true")
-        if cmd == "equidyn":
-            p.add_argument("--eta", type=float, default=0.5)
-        if cmd == "equistatic":
-            p.add_argument("--m", type=int, default=2, help="number of basis matrices")
+        for param in spec.params:
+            kind, default, help_ = _PARAM_FLAGS[param]
+            default = spec.defaults.get(param, default)
+            if kind == "store_true":
+                p.add_argument(f"--{param}", action="store_true", help=help_)
+            elif param in spec.required:
+                p.add_argument(f"--{param}", type=kind, required=True, help=help_)
+            else:
+                p.add_argument(f"--{param}", type=kind, default=default,
+                               help=f"{help_} (default {default})")
         p.add_argument("--plot", metavar="PNG", help="draw every round into this file")
     p = sub.add_parser("compare", help="consensus curves of several topologies")
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--k", type=int, default=1)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(graph=None)
+    p.add_argument("--n", type=int, required=True, help="number of nodes")
+    p.add_argument("--k", type=int, default=1,
+                   help="maximum degree of the Base-(k+1) graphs and EquiStatic (default 1)")
+    p.add_argument("--steps", type=int, default=40, help="gossip rounds to run (default 40)")
+    p.add_argument("--trials", type=int, default=8,
+                   help="random starting vectors averaged per curve (default 8)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the starting vectors and random topologies (default 0)")
     p.add_argument("--out", metavar="PNG", help="plot the curves into this file")
     args = parser.parse_args(argv)
     try:
         if args.command == "compare":
             return _compare(args)
-        topo = _GRAPHS[args.command][0](args)
+        spec = GRAPHS[args.graph]
+        topo = by_name(spec.name, args.n, **{p: getattr(args, p) for p in spec.params})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -595,10 +595,102 @@ def test_cli_compare_and_errors(capsys, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("module", ["core", "static", "exponential", "basegraph", "equitopo",
-                                    "analysis", "_build", "_sparse"])
+                                    "analysis", "_build", "_sparse", "registry"])
 def test_doctests(module: str) -> None:
     mod = importlib.import_module(f"decomm.topology.{module}")
     res = doctest.testmod(mod, verbose=False)
     assert res.failed == 0
     if module == "core":
         assert doctest.testmod(T).failed == 0
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _load_train():
+    spec = importlib.util.spec_from_file_location(
+        "decomm_example_train_for_names",
+        Path(__file__).resolve().parent.parent.parent / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+DIRECT = {  # name -> the constructor call it stands for, at n = 8
+    "base": lambda: BaseGraph(8, 1), "simple-base": lambda: T.SimpleBaseGraph(8, 1),
+    "hyper-hypercube": lambda: T.HyperHypercube(8, 1), "exp": lambda: ExponentialGraph(8),
+    "one-peer-exp": lambda: OnePeerExponentialGraph(8), "hypercube": lambda: HypercubeGraph(8),
+    "ring": lambda: RingGraph(8), "torus": lambda: TorusGraph(8), "star": lambda: StarGraph(8),
+    "full": lambda: FullyConnectedGraph(8), "equidyn": lambda: EquiDyn(8, seed=0),
+    "equistatic": lambda: EquiStatic(8, 2, seed=0),
+}
+OLD_SPELLINGS = {"onepeer": "one-peer-exp", "simple": "simple-base", "hh": "hyper-hypercube"}
+
+
+def test_by_name_registry() -> None:
+    assert T.graph_names() == tuple(DIRECT)
+    for name, make in DIRECT.items():
+        k = {"k": 1} if "k" in T.graph_params(name) else {}
+        got, want = T.by_name(name, 8, **k), make()
+        assert (got.name, got.fingerprint()) == (want.name, want.fingerprint())
+    for old, new in OLD_SPELLINGS.items():
+        assert T.canonical_name(old) == new
+        k = {"k": 1} if "k" in T.graph_params(old) else {}
+        assert T.by_name(old, 8, **k).fingerprint() == DIRECT[new]().fingerprint()
+    assert T.canonical_name("One_Peer_Exp") == "one-peer-exp"
+    assert T.by_name("equidyn", 8, seed=5, eta=0.25).params == EquiDyn(8, 0.25, seed=5).params
+    assert T.by_name("equistatic", 9, m=3).fingerprint() == EquiStatic(9, 3).fingerprint()
+    with pytest.raises(ValueError, match=r"unknown topology 'star-of-david'; choose from base, "):
+        T.by_name("star-of-david", 8)
+    with pytest.raises(ValueError, match=r"'ring' takes no parameter k \(it takes: only n\)"):
+        T.by_name("ring", 8, k=2)
+    with pytest.raises(ValueError, match=r"'base' needs k"):
+        T.by_name("base", 8)
+
+
+def test_both_command_lines_accept_the_same_names(capsys) -> None:
+    """python -m decomm.topology NAME and examples/train.py --topology NAME take the same
+    names (canonical and old spellings) and build the same graph."""
+    train = _load_train()
+    names = list(T.graph_names()) + list(OLD_SPELLINGS)
+    for name in names:
+        canonical = T.canonical_name(name)
+        want = DIRECT[canonical]()
+        argv = [name, "--n", "8"] + (["--k", "1"] if "k" in T.graph_params(name) else [])
+        assert cli_main(argv) == 0, name
+        assert f"topology           {want.name}\n" in capsys.readouterr().out
+        assert train.parse_args(["--topology", name]).topology == canonical
+        assert train.make_topology(name, 8, k=1, seed=0).fingerprint() == want.fingerprint()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--topology", "star-of-david"])
+    assert "unknown topology 'star-of-david'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["star-of-david", "--n", "8"])
+    capsys.readouterr()
+
+
+def test_every_flag_has_help() -> None:
+    import argparse
+
+    train = _load_train()
+    parsers = [("train.py", train.build_parser())]
+    cli = None
+    try:  # the topology CLI's parser is built inside main(); catch it at parse time
+        orig = argparse.ArgumentParser.parse_args
+
+        def grab(self, *a, **k):
+            nonlocal cli
+            cli = self
+            raise SystemExit(0)
+
+        argparse.ArgumentParser.parse_args = grab
+        with pytest.raises(SystemExit):
+            cli_main(["ring", "--n", "4"])
+    finally:
+        argparse.ArgumentParser.parse_args = orig
+    sub = next(a for a in cli._actions if isinstance(a, argparse._SubParsersAction))
+    parsers += sorted(set(sub.choices.items()), key=lambda kv: kv[0])
+    for label, parser in parsers:
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (label, action.dest)

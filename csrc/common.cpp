@@ -85,6 +85,10 @@ std::string header_diff(const Header& mine, const Header& theirs, bool ignore_fi
   if (std::strncmp(mine.name, theirs.name, kHeaderNameLen) != 0) {
     sep();
     os << "name '" << theirs.name << "' vs '" << mine.name << "'";
+    if (mine.name[0] == '@' || theirs.name[0] == '@')
+      os << " (a call without name= is named after its line: these ranks are making different "
+            "calls, e.g. one skipped or added a call; if both lines are the same exchange, give "
+            "them the same name=)";
   }
   if (mine.dtype != theirs.dtype) {
     sep();

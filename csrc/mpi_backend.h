@@ -42,9 +42,12 @@ class Op {
   void mark(int point);  // records times_[point] when the timeline is on
 
  protected:
-  Op(MpiBackend* be, int32_t kind, std::string name);
+  Op(MpiBackend* be, int32_t kind, std::string name, int64_t seq = -1);
   virtual bool step() = 0;        // drive MPI; true when all requests are done
   virtual std::string pending() const = 0;  // who we are still waiting for
+  // A message naming a rank this op still waits on that has shut down without
+  // making this call ("" when none): then the op fails at once.
+  virtual std::string departed() const { return ""; }
   void fail(const std::string& msg);
   virtual void abandon_requests();
 
@@ -57,6 +60,8 @@ class Op {
   std::atomic<bool> finished_{false};
   std::vector<at::Tensor> keep_alive_;  // buffers MPI may still touch
   OpTimes times_{};
+  int64_t seq_;        // this rank's call number of the op's family (-1: none)
+  uint32_t polls_ = 0;
 
   friend class MpiBackend;
 };
@@ -112,6 +117,22 @@ class MpiBackend {
   void run(Op& op);
   std::chrono::steady_clock::time_point deadline() const;
 
+  // Receives byes from ranks that shut down, drains what failed calls left in
+  // flight, and completes those drains; cheap, called every few polls.
+  void housekeeping();
+  // The call count at which `peer` shut down (-1 while it runs).
+  int64_t gone_p2p(int peer) const { return gone_p2p_[peer].load(std::memory_order_relaxed); }
+  int64_t gone_coll(int peer) const { return gone_coll_[peer].load(std::memory_order_relaxed); }
+  bool any_gone() const { return gone_count_.load(std::memory_order_relaxed) > 0; }
+  // "rank 1 has shut down after 40 ... calls; this rank is at call 41" for the
+  // first of `peers` that left before making call `seq` ("" when none did).
+  std::string departed_peers(const std::vector<int64_t>& peers, int64_t seq, bool p2p) const;
+  // Remember a failed neighbour call, so its leftover messages get drained.
+  void note_failed_call(int64_t seq);
+  // After call `seq` completed: a rank that sent this rank a message for that
+  // call which it did not receive ("" when none). The message is drained.
+  std::string unexpected_sender(int64_t seq);
+
   std::atomic<int64_t> bytes_sent{0};
   std::atomic<int64_t> bytes_received{0};
   MPI_Comm comm() const { return comm_; }
@@ -140,6 +161,28 @@ class MpiBackend {
   std::deque<std::shared_ptr<Op>> active_;
   bool stop_ = false;
   std::vector<std::shared_ptr<Op>> graveyard_;  // timed-out ops whose buffers MPI may hold
+
+  // Departures and leftovers (guarded by house_mu_).
+  struct Orphan {  // a leftover message, received only to be thrown away
+    MPI_Request req = MPI_REQUEST_NULL;
+    at::Tensor buf;
+  };
+  void drain_tag(int tag);
+  bool send_byes();  // true when no peer can still send on comm_
+  std::mutex house_mu_;
+  struct ByeMsg {
+    uint32_t magic;
+    int32_t pad;
+    int64_t p2p_calls;
+    int64_t coll_calls;
+  };
+  ByeMsg bye_in_{};
+  MPI_Request bye_req_ = MPI_REQUEST_NULL;
+  std::unique_ptr<std::atomic<int64_t>[]> gone_p2p_, gone_coll_;
+  std::atomic<int> gone_count_{0};
+  std::deque<int64_t> failed_seqs_;
+  std::atomic<bool> have_failed_{false};
+  std::vector<Orphan> orphans_;
 
   friend class Handle;
   friend class Op;

@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 namespace decomm {
@@ -44,6 +45,29 @@ void fused_impl(void* out_v, const void* x_v, double w_self, const void* const* 
   });
 }
 
+// Uniform weights 1/m: the terms are summed first, in float64 (exact for a
+// handful of float32 or half values of similar magnitude), and divided once,
+// so that values already in consensus come back exactly unchanged (scaling
+// each term by a rounded 1/m and adding drifts by an ulp per call).
+template <typename T>
+void mean_impl(void* out_v, const void* x_v, const void* const* rs, int64_t k, int64_t n) {
+  auto* out = static_cast<T*>(out_v);
+  const auto* x = static_cast<const T*>(x_v);
+  const double m = static_cast<double>(k + 1);
+  parallel_chunks(n, [&](int64_t b, int64_t e) {
+    double acc[kBlock];
+    for (int64_t s = b; s < e; s += kBlock) {
+      const int64_t len = std::min(kBlock, e - s);
+      for (int64_t i = 0; i < len; ++i) acc[i] = static_cast<double>(x[s + i]);
+      for (int64_t j = 0; j < k; ++j) {
+        const auto* r = static_cast<const T*>(rs[j]) + s;
+        for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<double>(r[i]);
+      }
+      for (int64_t i = 0; i < len; ++i) out[s + i] = static_cast<T>(acc[i] / m);
+    }
+  });
+}
+
 template <typename T>
 void scaled_copy_impl(void* dst_v, const void* src_v, double w, int64_t n) {
   using A = at::opmath_type<T>;
@@ -74,6 +98,22 @@ bool is_supported_float(c10::ScalarType t) {
 void weighted_sum(void* out, const void* x, double w_self, const void* const* rs,
                   const double* ws, int64_t k, int64_t n, c10::ScalarType t) {
 #define CALL(T) fused_impl<T>(out, x, w_self, rs, ws, k, n)
+  DECOMM_FLOAT_SWITCH(t, CALL)
+#undef CALL
+}
+
+bool is_uniform_mean(double w_self, const double* ws, int64_t k) {
+  const double m = static_cast<double>(k + 1);
+  auto is_inv_m = [m](double w) { return std::abs(w * m - 1.0) <= 1e-12; };
+  if (!is_inv_m(w_self)) return false;
+  for (int64_t j = 0; j < k; ++j)
+    if (!is_inv_m(ws[j])) return false;
+  return true;
+}
+
+void mean_sum(void* out, const void* x, const void* const* rs, int64_t k, int64_t n,
+              c10::ScalarType t) {
+#define CALL(T) mean_impl<T>(out, x, rs, k, n)
   DECOMM_FLOAT_SWITCH(t, CALL)
 #undef CALL
 }

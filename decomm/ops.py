@@ -8,7 +8,16 @@ count) get a :class:`~decomm.errors.DecommError` naming the ranks and fields, an
 neighbour that never arrives raises after the timeout set at ``init``.
 
 Tensors may be torch tensors or numpy arrays; results come back as the type given.
-Ops do not record autograd history (they act on ``tensor.detach()``).
+Ops do not record autograd history (they act on ``tensor.detach()``). The in-place
+ops behave as torch's own in-place ops do towards autograd: they bump the tensor's
+version counter (so a tensor saved for backward and then overwritten makes
+``backward()`` raise instead of using the new values), and with grad mode on they
+refuse a tensor that requires grad (call them under ``torch.no_grad()``).
+
+Calls made without ``name=`` are named after their call site (``'@train.py:42'``):
+two ranks pairing different unnamed calls - one rank skipped or added a call - get a
+:class:`~decomm.errors.DecommError` at once instead of silently exchanging the wrong
+tensors. Ranks that make the same logical call from different lines must name it.
 
 Convention (DESIGN.md): with ``W`` the current round's mixing matrix, rank i's
 ``neighbor_allreduce`` returns ``W[i, i] x_i + sum_j W[i, j] x_j`` over its
@@ -19,6 +28,8 @@ is bitwise identical on every run.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -90,12 +101,50 @@ def poll(handle: Handle) -> bool:
 
 
 # ----------------------------------------------------------------- validation
+# Frames of these files are decomm's own op plumbing, never a call site.
+_PLUMBING = {_f.__code__.co_filename for _f in (lambda: None, timeline.traced)}
+_SITE_NAMES: dict[tuple[Any, int], str] = {}
+_HEADER_NAME_LEN = 47  # csrc/common.h kHeaderNameLen - 1: what the header carries
+
+
+def _site_name() -> str:
+    """``'@file.py:line'`` of the first frame outside the op plumbing (cached per site)."""
+    f = sys._getframe(2)
+    while f.f_back is not None and f.f_code.co_filename in _PLUMBING:
+        f = f.f_back
+    key = (f.f_code, f.f_lineno)
+    label = _SITE_NAMES.get(key)
+    if label is None:
+        line = f":{f.f_lineno}"
+        base = os.path.basename(f.f_code.co_filename)
+        label = "@" + base[-(_HEADER_NAME_LEN - 1 - len(line)):] + line
+        _SITE_NAMES[key] = label
+    return label
+
+
 def _name(name: Any, default: str) -> str:
+    """The call's name: ``name``, or the call site's ``'@file.py:line'`` when None."""
     if name is None:
-        return default
+        return _site_name()
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
+        raise TypeError(f"{default}: name must be a str, got {type(name).__name__}")
     return name
+
+
+def _check_inplace(obj: Any, op: str, name: str) -> None:
+    """Refuse what torch's in-place ops refuse: writing a tensor autograd tracks."""
+    if isinstance(obj, torch.Tensor) and obj.requires_grad and torch.is_grad_enabled():
+        kind = "a leaf tensor" if obj.is_leaf else "a tensor"
+        raise RuntimeError(
+            f"{op} '{name}' on rank {runtime.rank()}: in-place op on {kind} that requires "
+            "grad; decomm ops record no autograd history, so call it under torch.no_grad() "
+            "(as optimizer steps do) or use the out-of-place op")
+
+
+def _bump_version(obj: Any) -> None:
+    """Mark ``obj`` as modified in place, as torch's in-place ops do."""
+    if isinstance(obj, torch.Tensor):
+        torch.autograd.graph.increment_version(obj)
 
 
 def _to_torch(obj: Any, op: str, name: str) -> tuple[torch.Tensor, Any]:
@@ -209,6 +258,8 @@ def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_wei
                         name: Any, inplace: bool, nonblocking: bool) -> Any:
     name = _name(name, "neighbor_allreduce")
     state = runtime._require()
+    if inplace:
+        _check_inplace(tensor, "neighbor_allreduce", name)
     t, back = _to_torch(tensor, "neighbor_allreduce", name)
     _check_float(t, "neighbor_allreduce", name)
     sw, src, src_w, dst, dst_w, rnd = _resolve(self_weight, src_weights, dst_weights, name)
@@ -221,6 +272,8 @@ def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_wei
     be = cuda_ops.backend_for(state, x, "neighbor_allreduce")
     h = be.neighbor_allreduce(x, out, sw, src, src_w, dst, dst_w, name, rnd,
                               state.topo_hash, nonblocking)
+    if inplace and nonblocking:  # the C++ side writes it from now on
+        _bump_version(tensor)
 
     def finish(result: torch.Tensor) -> Any:
         if nonfinite:
@@ -228,6 +281,7 @@ def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_wei
         if inplace:
             if result.data_ptr() != t.data_ptr():
                 t.copy_(result)
+            _bump_version(tensor)
             return tensor
         return back(result)
 
@@ -296,6 +350,8 @@ def neighbor_allreduce_nonblocking_(tensor: Any, *, self_weight: float | None = 
 def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking: bool) -> Any:
     name = _name(name, "allreduce")
     state = runtime._require()
+    if inplace:
+        _check_inplace(tensor, "allreduce", name)
     t, back = _to_torch(tensor, "allreduce", name)
     if t.dtype in _REDUCIBLE_INT_DTYPES:
         if average:
@@ -311,6 +367,8 @@ def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking
     nonfinite = _nonfinite_report(x, "allreduce", name, state, -1)
     be = cuda_ops.backend_for(state, x, "allreduce")
     h = be.allreduce(x, out, bool(average), name, nonblocking)
+    if inplace and nonblocking:
+        _bump_version(tensor)
 
     def finish(result: torch.Tensor) -> Any:
         if nonfinite:
@@ -318,6 +376,7 @@ def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking
         if inplace:
             if result.data_ptr() != t.data_ptr():
                 t.copy_(result)
+            _bump_version(tensor)
             return tensor
         return back(result.to(t.dtype) if wide else result)
 
@@ -371,11 +430,13 @@ def broadcast_(tensor: Any, root: int, *, name: str | None = None) -> Any:
     """
     name = _name(name, "broadcast")
     root = _check_root(root, "broadcast", name)
+    _check_inplace(tensor, "broadcast", name)
     t, _ = _to_torch(tensor, "broadcast", name)
     x = t if t.is_contiguous() else t.contiguous()
     cuda_ops.backend_for(runtime._require(), x, "broadcast").broadcast(x, root, name)
     if x.data_ptr() != t.data_ptr():
         t.copy_(x)
+    _bump_version(tensor)
     return tensor
 
 

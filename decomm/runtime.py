@@ -67,6 +67,8 @@ class _State:
     topo_hash: int
     round: int = 0
     check_finite: bool = False
+    init_args: dict[str, Any] = field(default_factory=dict)
+    excepthook: Any = None  # the hook init() installed, removed again by shutdown()
     plans: dict[int, _RoundPlan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -113,12 +115,24 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
             whole MPI job (as ``python -m mpi4py`` does) instead of leaving the other
             ranks waiting.
 
-    The initial topology is ``ExponentialGraph(size())``, at round 0.
+    The initial topology is ``ExponentialGraph(size())``, at round 0. Calling ``init``
+    again with the same arguments does nothing; with different ones it raises (call
+    :func:`shutdown` first to start over with other settings).
     """
     global _state
     if backend not in ("auto", "mpi", "nccl"):
         raise ValueError(f"backend must be 'auto', 'mpi' or 'nccl', got {backend!r}")
+    asked = {"backend": backend, "timeout": timeout, "check": check, "comm": comm,
+             "abort_on_error": abort_on_error}
     if _state is not None:
+        differ = [f"{k}={asked[k]!r} (in force: {_state.init_args[k]!r})" for k in asked
+                  if asked[k] is not None and k != "backend" and asked[k] != _state.init_args[k]]
+        if backend != _state.init_args["backend"]:
+            differ.insert(0, f"backend={backend!r} (in force: {_state.init_args['backend']!r})")
+        if differ:
+            raise DecommError(f"decomm.init() on rank {_state.rank}: already initialized with "
+                              f"other settings: {', '.join(differ)}; call decomm.shutdown() "
+                              "first to start again with new ones")
         return
     from . import _C
     from . import backends as _backends
@@ -126,6 +140,7 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     if backend == "nccl" and not _backends.nccl_available():
         raise DecommError("backend='nccl' requested, but this decomm build has no NCCL "
                           "backend (built without CUDA); use backend='auto' or 'mpi'")
+    _quiet_osc_ucx()
     from mpi4py import MPI
 
     if timeout is None:
@@ -149,6 +164,7 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
                     local_rank=local.Get_rank(), local_size=local.Get_size(),
                     topology=topo, topo_hash=_hash64(topo))
     _state.check_finite = os.environ.get("DECOMM_CHECK_FINITE", "0") not in ("", "0")
+    _state.init_args = dict(asked, timeout=float(timeout), check=bool(check), comm=comm)
     local.Free()
     from . import cuda_ops
 
@@ -157,12 +173,33 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     except BaseException:
         shutdown()
         raise
+    # A rank that leaves normally (end of script, sys.exit, shutdown()) tells its
+    # peers from shutdown(), so a rank still waiting on it raises at once.
     atexit.register(shutdown)
     if abort_on_error and _state.size > 1:
-        _install_abort_hook(world)
+        _state.excepthook = _install_abort_hook(world)
 
 
-def _install_abort_hook(world: Any) -> None:
+def _quiet_osc_ucx() -> None:
+    """On one host, keep Open MPI's UCX one-sided component out (before MPI starts).
+
+    Open MPI 5 from the wheel prints an "Error: OSC UCX component priority set inside
+    component query failed" line per rank at every ``win_create`` although it then
+    uses its shared-memory component anyway. MCA variables are read only when MPI
+    initializes, so this runs before mpi4py does, and only for single-host jobs: on a
+    UCX cluster (InfiniBand) osc/ucx is the fast one-sided path. A value the user
+    set wins. ``decomm-run`` sets the same variable for the ranks.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized():
+        return
+    size = os.environ.get("OMPI_COMM_WORLD_SIZE")
+    local = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if (size is None and "PMIX_RANK" not in os.environ) or (size is not None and local == size):
+        os.environ.setdefault("OMPI_MCA_osc", "^ucx")
+
+
+def _install_abort_hook(world: Any) -> Any:
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
@@ -172,7 +209,9 @@ def _install_abort_hook(world: Any) -> None:
         sys.stderr.flush()
         world.Abort(1)
 
+    hook.previous = previous  # type: ignore[attr-defined]
     sys.excepthook = hook
+    return hook
 
 
 def shutdown() -> None:
@@ -181,6 +220,8 @@ def shutdown() -> None:
     if _state is None:
         return
     state, _state = _state, None
+    if state.excepthook is not None and sys.excepthook is state.excepthook:
+        sys.excepthook = state.excepthook.previous
     from . import timeline
 
     if timeline.enabled:
@@ -247,7 +288,8 @@ def set_topology(topology: Any, *, start_round: int = 0) -> None:
                          f"build it for {state.size} nodes, e.g. BaseGraph(decomm.size(), k)")
     if isinstance(start_round, bool) or not isinstance(start_round, int) or start_round < 0:
         raise ValueError(f"start_round must be a non-negative int, got {start_round!r}")
-    if topo.rounds is not None and not topo.is_row_stochastic(1e-9):
+    # float32 input rows sum to 1 within a few ulps: the tolerance follows its dtype
+    if topo.rounds is not None and not topo.is_row_stochastic(max(1e-9, topo.stochastic_tol)):
         raise ValueError(f"{topo.name}: every round must be row-stochastic")
     digest = _hash64(topo)
     _check_same_everywhere(state, digest, start_round, topo)

@@ -21,8 +21,9 @@ if not MPIRUN.exists():
     MPIRUN = Path(shutil.which("mpirun") or "mpirun")
 
 
-def run_job(mode: str, n: int = 3, limit: float = 120.0) -> tuple[int, str, float]:
-    env = dict(os.environ, DECOMM_TIMEOUT="3", OMPI_ALLOW_RUN_AS_ROOT="1",
+def run_job(mode: str, n: int = 3, limit: float = 120.0,
+            timeout: str = "3") -> tuple[int, str, float]:
+    env = dict(os.environ, DECOMM_TIMEOUT=timeout, OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
     cmd = [str(MPIRUN), "-np", str(n), "--oversubscribe", "--bind-to", "none", sys.executable,
@@ -49,3 +50,25 @@ def test_stuck_rank_times_out_naming_it():
     assert "neighbour(s) [1]" in out, out
     assert "DecommError" in out
     assert elapsed < 90, f"took {elapsed:.1f} s"
+
+
+@pytest.mark.skipif(not MPIRUN.exists(), reason="no mpirun")
+@pytest.mark.parametrize("mode", ["sys_exit", "shutdown", "extra_step", "skip_step"])
+def test_out_of_step_rank_ends_the_job_at_once(mode):
+    """With a 600 s timeout, the job still ends fast, by the shut-down notice, not a timeout."""
+    rc, out, elapsed = run_job(mode, limit=300.0, timeout="600")
+    assert rc != 0, out
+    assert "has shut down after" in out, out
+    assert "timed out" not in out, out
+    if mode in ("sys_exit", "shutdown", "skip_step"):
+        assert "rank 1 has shut down after" in out, out
+    assert elapsed < 250, f"took {elapsed:.1f} s"
+
+
+@pytest.mark.skipif(not MPIRUN.exists(), reason="no mpirun")
+def test_extra_unnamed_call_is_caught_at_the_call():
+    rc, out, elapsed = run_job("extra_call", limit=300.0, timeout="600")
+    assert rc != 0, out
+    assert "called differently" in out, out
+    assert "timed out" not in out, out
+    assert elapsed < 250, f"took {elapsed:.1f} s"

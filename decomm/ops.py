@@ -103,29 +103,28 @@ def poll(handle: Handle) -> bool:
 # ----------------------------------------------------------------- validation
 # Frames of these files are decomm's own op plumbing, never a call site.
 _PLUMBING = {_f.__code__.co_filename for _f in (lambda: None, timeline.traced)}
+# Keyed by (code object, bytecode offset): O(1) to read, unlike f_lineno.
 _SITE_NAMES: dict[tuple[Any, int], str] = {}
 _HEADER_NAME_LEN = 47  # csrc/common.h kHeaderNameLen - 1: what the header carries
 
 
-def _site_name() -> str:
-    """``'@file.py:line'`` of the first frame outside the op plumbing (cached per site)."""
-    f = sys._getframe(2)
-    while f.f_back is not None and f.f_code.co_filename in _PLUMBING:
-        f = f.f_back
-    key = (f.f_code, f.f_lineno)
-    label = _SITE_NAMES.get(key)
-    if label is None:
-        line = f":{f.f_lineno}"
-        base = os.path.basename(f.f_code.co_filename)
-        label = "@" + base[-(_HEADER_NAME_LEN - 1 - len(line)):] + line
-        _SITE_NAMES[key] = label
-    return label
+def _site_label(frame: Any) -> str:
+    line = f":{frame.f_lineno}"
+    base = os.path.basename(frame.f_code.co_filename)
+    return "@" + base[-(_HEADER_NAME_LEN - 1 - len(line)):] + line
 
 
 def _name(name: Any, default: str) -> str:
-    """The call's name: ``name``, or the call site's ``'@file.py:line'`` when None."""
+    """The call's name: ``name``, or ``'@file.py:line'`` of the call site when None."""
     if name is None:
-        return _site_name()
+        f = sys._getframe(1)
+        while f.f_back is not None and f.f_code.co_filename in _PLUMBING:
+            f = f.f_back
+        key = (f.f_code, f.f_lasti)
+        label = _SITE_NAMES.get(key)
+        if label is None:
+            label = _SITE_NAMES[key] = _site_label(f)
+        return label
     if not isinstance(name, str):
         raise TypeError(f"{default}: name must be a str, got {type(name).__name__}")
     return name

@@ -21,13 +21,13 @@ if not MPIRUN.exists():
     MPIRUN = Path(shutil.which("mpirun") or "mpirun")
 
 
-def run_job(mode: str, n: int = 3, limit: float = 120.0,
-            timeout: str = "3") -> tuple[int, str, float]:
+def run_job(mode: str, n: int = 3, limit: float = 120.0, timeout: str = "3",
+            script: str = "failing_rank.py") -> tuple[int, str, float]:
     env = dict(os.environ, DECOMM_TIMEOUT=timeout, OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
     cmd = [str(MPIRUN), "-np", str(n), "--oversubscribe", "--bind-to", "none", sys.executable,
-           str(ROOT / "tests" / "scenarios" / "failing_rank.py"), mode]
+           str(ROOT / "tests" / "scenarios" / script), mode]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
     return proc.returncode, proc.stdout + proc.stderr, time.time() - t0
@@ -72,3 +72,11 @@ def test_extra_unnamed_call_is_caught_at_the_call():
     assert "called differently" in out, out
     assert "timed out" not in out, out
     assert elapsed < 250, f"took {elapsed:.1f} s"
+
+
+@pytest.mark.skipif(not MPIRUN.exists(), reason="no mpirun")
+def test_shutdown_removes_the_abort_hook_and_windows_print_no_mpi_error():
+    rc, out, _ = run_job("-", n=2, script="lifecycle.py")
+    assert rc == 0, out
+    assert out.count("lifecycle ok") == 2, out
+    assert "Error" not in out, out  # Open MPI's osc/ucx line at win_create

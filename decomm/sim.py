@@ -61,9 +61,9 @@ except ImportError:  # pragma: no cover - scipy ships with scikit-learn
     _sp = None
 from torch import Tensor, nn
 
-from decomm.optim import DSGD, DecentralizedOptimizer, Mix
-from decomm.optim._base import decomm_error
-from decomm.optim.comm import Handle
+from decomm.errors import DecommError
+from decomm.optim import DSGD, DecentralizedOptimizer, Mix, PendingExchange
+from decomm.topology import Topology
 
 __all__ = ["SimNodeCommunicator", "Simulation", "as_topology"]
 
@@ -71,14 +71,20 @@ __all__ = ["SimNodeCommunicator", "Simulation", "as_topology"]
 SUPPORTED_WRAPPERS = ("DSGD", "GradientTracking", "D2", "QGDSGDm")
 
 
-def as_topology(topology: Any) -> Any:
-    """A Topology as is; a matrix or list of matrices via ``Topology.from_matrices``."""
-    if hasattr(topology, "weights") and hasattr(topology, "n"):
-        return topology
-    from decomm.topology import Topology
+def as_topology(topology: Any) -> Topology:
+    """A :class:`~decomm.topology.Topology` as is; an n×n matrix (numpy array, torch
+    tensor, nested list) or a list of them via ``Topology.from_matrices``.
 
-    if isinstance(topology, Tensor):
-        topology = topology.detach().cpu().numpy()
+    Raises:
+        TypeError: for anything else (the simulator mixes with ``Topology.sparse``,
+            which only a Topology has).
+    """
+    if isinstance(topology, Topology):
+        return topology
+    if not isinstance(topology, (np.ndarray, Tensor, list, tuple)):
+        raise TypeError(
+            f"topology must be a decomm.topology.Topology, an n x n matrix or a list of "
+            f"them, got {type(topology).__name__}")
     return Topology.from_matrices(topology)
 
 
@@ -111,7 +117,7 @@ class SimNodeCommunicator:
         self._sim.round = int(round_)
 
     def _refuse(self, what: str) -> Any:
-        raise decomm_error()(
+        raise DecommError(
             f"simulated node {self._node} cannot call {what} on its own: drive all "
             f"nodes with Simulation.step()"
         )
@@ -119,7 +125,9 @@ class SimNodeCommunicator:
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         return self._refuse("neighbor_allreduce_")  # type: ignore[no-any-return]
 
-    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
+    def neighbor_allreduce_nonblocking_(
+        self, tensor: Tensor, name: str | None = None
+    ) -> PendingExchange:
         return self._refuse("neighbor_allreduce_nonblocking_")  # type: ignore[no-any-return]
 
     def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
@@ -207,7 +215,7 @@ class Simulation:
         shapes = [tuple((b.numel, b.dtype) for b in o._buckets) for o in self.optimizers]
         if any(s != shapes[0] for s in shapes):
             i = next(k for k, s in enumerate(shapes) if s != shapes[0])
-            raise decomm_error()(
+            raise DecommError(
                 f"simulated node {i} has parameter buckets {shapes[i]} but node 0 has "
                 f"{shapes[0]}: every node must build the same model"
             )
@@ -215,18 +223,8 @@ class Simulation:
     # ----------------------------------------------------------------- mixing
     def _csr(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Round ``t`` in CSR arrays ``(indptr, indices, data)``, float64."""
-        topo = self.topology
-        if hasattr(topo, "sparse"):
-            sr = topo.sparse(t)
-            return np.array(sr.indptr), np.array(sr.indices), np.array(sr.data, dtype=np.float64)
-        indptr_l, idx_l, val_l = [0], [], []
-        for i in range(self.n):
-            self_w, nb = topo.weights(i, t)
-            row = sorted([(i, float(self_w))] + [(int(j), float(v)) for j, v in nb.items()])
-            idx_l += [j for j, _ in row]
-            val_l += [v for _, v in row]
-            indptr_l.append(len(idx_l))
-        return np.array(indptr_l), np.array(idx_l), np.array(val_l, dtype=np.float64)
+        sr = self.topology.sparse(t)
+        return np.array(sr.indptr), np.array(sr.indices), np.array(sr.data, dtype=np.float64)
 
     def mixing_matrix(self, t: int, dtype: torch.dtype = torch.float64) -> Any:
         """Round ``t``'s W in sparse form (cached per cycle index and dtype).
@@ -234,7 +232,7 @@ class Simulation:
         A ``scipy.sparse.csr_matrix`` when SciPy is available (fastest on CPU),
         else a coalesced torch sparse COO tensor.
         """
-        rounds = getattr(self.topology, "rounds", None)
+        rounds = self.topology.rounds
         key = (t % rounds if rounds else t, dtype)
         w = self._w_cache.get(key)
         if w is not None:
@@ -421,6 +419,6 @@ class Simulation:
 
     def __repr__(self) -> str:
         cls = type(self.optimizers[0]).__name__ if self.optimizers else "?"
-        name = getattr(self.topology, "name", type(self.topology).__name__)
+        name = self.topology.name
         return f"Simulation(n={self.n}, topology={name}, wrapper={cls}, round={self.round})"
 

@@ -27,7 +27,7 @@ over n virtual nodes in one process with :mod:`decomm.sim`.
 
 from ._base import DecentralizedOptimizer, Mix
 from .async_gossip import AsyncGossip
-from .comm import Communicator, Handle, LocalCommunicator, MPICommunicator
+from .comm import Communicator, LocalCommunicator, MPICommunicator, PendingExchange
 from .d2 import D2
 from .dsgd import DSGD
 from .gradient_tracking import GradientTracking
@@ -42,10 +42,10 @@ __all__ = [
     "Communicator",
     "DecentralizedOptimizer",
     "GradientTracking",
-    "Handle",
     "LocalCommunicator",
     "MPICommunicator",
     "Mix",
+    "PendingExchange",
     "PushSum",
     "QGDSGDm",
     "consensus_distance",

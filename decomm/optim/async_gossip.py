@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from decomm.errors import DecommError
+
 from ._base import DecentralizedOptimizer, Mix
-from .comm import Handle, MPICommunicator, decomm_error
+from .comm import MPICommunicator, PendingExchange
 
 __all__ = ["AsyncGossip"]
 
@@ -72,11 +74,13 @@ class _WinCommunicator:
         win.win_put(tensor, wname, dst_weights={j: 1.0 for j in topo.out_neighbors(r, t)})
         return win.win_update(wname, self_weight=sw, neighbor_weights=nb)
 
-    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
+    def neighbor_allreduce_nonblocking_(
+        self, tensor: Tensor, name: str | None = None
+    ) -> PendingExchange:
         raise NotImplementedError("AsyncGossip never blocks; there is nothing to overlap")
 
     def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
-        raise decomm_error()("AsyncGossip: a global average would synchronise the ranks")
+        raise DecommError("AsyncGossip: a global average would synchronise the ranks")
 
     def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor:
         return self._inner.broadcast_(tensor, root, name=name)

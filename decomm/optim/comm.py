@@ -16,13 +16,14 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from decomm.errors import DecommError
+
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "Communicator",
-    "Handle",
     "LocalCommunicator",
     "MPICommunicator",
-    "decomm_error",
+    "PendingExchange",
 ]
 
 #: Largest message, in bytes, one decomm MPI call sends (an MPI ``int`` count of
@@ -33,10 +34,24 @@ MAX_MESSAGE_BYTES: int = 2**31 - 1
 
 
 @runtime_checkable
-class Handle(Protocol):
-    """A pending non-blocking operation."""
+class PendingExchange(Protocol):
+    """A started non-blocking exchange: :meth:`wait` finishes it and returns the result.
+
+    :class:`decomm.Handle` (what ``decomm.neighbor_allreduce_nonblocking_`` returns)
+    is one; the simulator's communicators return their own.
+    """
 
     def wait(self) -> Tensor: ...
+
+
+# Transitional: decomm/optim/_base.py still imports these two names; remove them once
+# it uses PendingExchange and decomm.errors.DecommError directly.
+Handle = PendingExchange
+
+
+def decomm_error() -> type[Exception]:
+    """``decomm.errors.DecommError`` (transitional; import it from decomm.errors)."""
+    return DecommError
 
 
 @runtime_checkable
@@ -65,7 +80,7 @@ class Communicator(Protocol):
 
     def neighbor_allreduce_nonblocking_(
         self, tensor: Tensor, name: str | None = None
-    ) -> Handle: ...
+    ) -> PendingExchange: ...
 
     def allreduce_(
         self, tensor: Tensor, average: bool = True, name: str | None = None
@@ -74,22 +89,6 @@ class Communicator(Protocol):
     def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor: ...
 
     def allgather(self, tensor: Tensor, name: str | None = None) -> Tensor: ...
-
-
-def decomm_error() -> type[Exception]:
-    """``decomm.DecommError`` (``RuntimeError`` if the runtime is not importable)."""
-    try:
-        from decomm.errors import DecommError
-
-        return DecommError
-    except ImportError:
-        pass
-    try:
-        import decomm
-
-        return decomm.DecommError  # type: ignore[attr-defined, no-any-return]
-    except (ImportError, AttributeError):
-        return RuntimeError
 
 
 def _decomm() -> Any:
@@ -105,9 +104,8 @@ class MPICommunicator:
 
     def __init__(self) -> None:
         dc = _decomm()
-        is_init = getattr(dc, "is_initialized", None)
-        if is_init is None or not is_init():
-            raise decomm_error()(
+        if not dc.is_initialized():
+            raise DecommError(
                 "decomm is not initialised: call decomm.init() before creating a "
                 "decomm.optim wrapper (or pass communicator=... / use decomm.sim)"
             )
@@ -129,22 +127,14 @@ class MPICommunicator:
         self._dc.advance_round()
 
     def set_round(self, round_: int) -> None:
-        dc = self._dc
-        setter = getattr(dc, "set_round", None)
-        if setter is None:
-            setter = getattr(getattr(dc, "runtime", None), "set_round", None)
-        if setter is not None:
-            setter(int(round_))
-            return
-        topo = dc.get_topology()
-        if topo is None:
-            return
-        dc.set_topology(topo, start_round=int(round_))
+        self._dc.set_round(int(round_))
 
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         return self._dc.neighbor_allreduce_(tensor, name=name)
 
-    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
+    def neighbor_allreduce_nonblocking_(
+        self, tensor: Tensor, name: str | None = None
+    ) -> PendingExchange:
         return self._dc.neighbor_allreduce_nonblocking_(tensor, name=name)
 
     def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
@@ -189,7 +179,9 @@ class LocalCommunicator:
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         return tensor
 
-    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
+    def neighbor_allreduce_nonblocking_(
+        self, tensor: Tensor, name: str | None = None
+    ) -> PendingExchange:
         raise NotImplementedError
 
     def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:

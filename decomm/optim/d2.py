@@ -64,12 +64,18 @@ class D2(DecentralizedOptimizer):
 
     The correction ``x^t − x^{t−1} + u^{t−1}`` cancels DSGD's heterogeneity bias,
     so with a constant learning rate the fixed point is the exact minimiser of
-    the average loss.  The analysis needs symmetric ``W`` with all eigenvalues
-    ``> −1/3``; the constructor (and a step after ``set_topology`` changed the
-    topology) issues a :class:`UserWarning`, on rank 0 only (in the simulator:
-    once), naming the offending eigenvalue
-    otherwise (e.g. a 4-node ring with weights 1/3 has eigenvalue −1/3; use a
-    lazier ``(I + W)/2``), or saying that ``W`` is not symmetric.
+    the average loss.  The analysis needs one static, symmetric ``W`` with all
+    eigenvalues ``> −1/3``.  The constructor (and a step after ``set_topology``
+    changed the topology) issues a :class:`UserWarning`, on rank 0 only (in the
+    simulator: once), when that fails:
+
+    * the topology has more than one round (a cycle of L > 1 rounds, or a random
+      family): D² needs a static ``W``; use :class:`~decomm.optim.GradientTracking` there.
+      Making each round lazier does not help: D² over ``(I + W(t))/2`` of
+      ``BaseGraph(25, 1)`` (9 rounds, all eigenvalues ≥ 0) still diverges;
+    * a static ``W`` has an eigenvalue ``≤ −1/3`` (e.g. a 4-node ring with weights
+      1/3 has −1/3): the warning names it; use the lazier ``(I + W)/2``;
+    * a static ``W`` is not symmetric.
 
     Implementation: one flat state vector ``h^t = x^{t−1} − u^{t−1}`` (``h^0 = x^0``)
     per dtype.  Local phase: ``h ← x − h`` (``= x^t − x^{t−1} + u^{t−1}``), inner
@@ -111,8 +117,23 @@ class D2(DecentralizedOptimizer):
         self._checked = topo
         if self._comm.rank() != 0:  # one warning per job, not one per rank
             return
-        lam, t, symmetric = min_eigenvalue(topo)
         name = getattr(topo, "name", type(topo).__name__)
+        rounds = getattr(topo, "rounds", 1)
+        if rounds != 1:
+            # Checked first: over a cycle, making every round lazier does not help.
+            # Measured (tests/unit/test_optim_api.py): D2 over (I + W(t))/2 of
+            # BaseGraph(25, 1), every eigenvalue >= 0, still diverges.
+            what = "a random family" if rounds is None else f"a cycle of {rounds} rounds"
+            warnings.warn(
+                f"D2 needs one static mixing matrix W, but the topology {name} changes "
+                f"every round ({what}); D2 may diverge over it, even with every round "
+                f"made lazier, (I + W(t)) / 2. Use GradientTracking for time-varying "
+                f"topologies, or a static topology for D2.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        lam, t, symmetric = min_eigenvalue(topo)
         if lam <= -1.0 / 3.0 + 1e-12:
             warnings.warn(
                 f"D2 needs mixing matrices with eigenvalues > -1/3, but the topology "
@@ -125,16 +146,6 @@ class D2(DecentralizedOptimizer):
             warnings.warn(
                 f"D2's analysis assumes symmetric mixing matrices, but the topology "
                 f"{name} is not symmetric; D2 may diverge.",
-                UserWarning,
-                stacklevel=3,
-            )
-        elif getattr(topo, "rounds", 1) != 1:
-            # Measured: D2 diverged over Base-(k+1) and one-peer exponential schedules at
-            # every learning rate tried (benchmarks/results/topologies.md).
-            warnings.warn(
-                f"D2's analysis assumes one fixed mixing matrix, but {name} changes every "
-                "round; D2 may diverge over time-varying topologies (it did over Base-(k+1) "
-                "graphs in decomm's benchmarks). GradientTracking is the safer choice there.",
                 UserWarning,
                 stacklevel=3,
             )

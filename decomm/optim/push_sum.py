@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from decomm.errors import DecommError
+
 from ._base import DecentralizedOptimizer, Mix
-from .comm import Communicator, Handle, MPICommunicator, decomm_error
+from .comm import Communicator, MPICommunicator, PendingExchange
 
 __all__ = ["PushSum"]
 
@@ -109,7 +111,9 @@ class _PushSumCommunicator:
         return self._dc.neighbor_allreduce_(tensor, self_weight=sw, src_weights=src,
                                             dst_weights=dst, name=name)
 
-    def neighbor_allreduce_nonblocking_(self, tensor: Tensor, name: str | None = None) -> Handle:
+    def neighbor_allreduce_nonblocking_(
+        self, tensor: Tensor, name: str | None = None
+    ) -> PendingExchange:
         sw, src, dst = self.weights()
         return self._dc.neighbor_allreduce_nonblocking_(tensor, self_weight=sw, src_weights=src,
                                                         dst_weights=dst, name=name)
@@ -190,7 +194,7 @@ class PushSum(DecentralizedOptimizer):
                                     name="decomm.optim.PushSum.weights")
             differ = [r for r in range(inner.size()) if int(table[r]) != int(table[0])]
             if differ:
-                raise decomm_error()(f"PushSum: ranks {differ} passed different push weights "
+                raise DecommError(f"PushSum: ranks {differ} passed different push weights "
                                      "than rank 0; every rank must pass the same P")
         self._w: list[Tensor] = []
         self._msg: list[Tensor] = []
@@ -247,7 +251,7 @@ class PushSum(DecentralizedOptimizer):
                 if mix is not Mix.NONE:
                     w = float(m[b.numel])
                     if not w > 0.0:
-                        raise decomm_error()(
+                        raise DecommError(
                             f"PushSum: push-sum weight became {w} on rank {self._comm.rank()} "
                             "(a node with no incoming mass: is the graph strongly connected?)")
                     self._w[k].fill_(w)

@@ -114,10 +114,6 @@ def block_cliques(nodes: np.ndarray, size: int) -> Coo:
     return nodes[rows], nodes[cols], w
 
 
-def round_from_coo(n: int, coo: Coo) -> SparseRound:
-    return SparseRound.from_coo(n, *coo)
-
-
 def make(kind: str, params: dict[str, Any], rounds: list[SparseRound], n: int) -> Topology:
     """Wrap a list of rounds into a named Topology."""
     name = kind + "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"

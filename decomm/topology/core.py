@@ -521,10 +521,6 @@ class Topology:
         """
         return _analysis.cycle_product(self)
 
-    def product(self) -> np.ndarray:
-        """Alias of :meth:`cycle_product` (the name DESIGN.md uses)."""
-        return self.cycle_product()
-
     def is_finite_time_exact(self, tol: float = 1e-10) -> bool:
         """True when one cycle averages exactly: ``max |P - J/n| <= tol``.
 

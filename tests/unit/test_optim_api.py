@@ -6,6 +6,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -408,10 +409,11 @@ def test_d2_warns_about_eigenvalue_and_asymmetry():
 
     with pytest.warns(UserWarning, match=r"eigenvalues > -1/3.*eigenvalue -0.333333 in round 0"):
         D2(torch.optim.SGD(model.parameters(), lr=0.1), communicator=Comm(RingGraph(4)))
+    directed_ring = [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.5, 0.0, 0.5]]  # static, asymmetric
     with pytest.warns(UserWarning, match="not symmetric"):
         D2(
             torch.optim.SGD(model.parameters(), lr=0.1),
-            communicator=Comm(OnePeerExponentialGraph(5)),
+            communicator=Comm(Topology.from_matrices(directed_ring)),
         )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -446,3 +448,63 @@ def test_d2_warns_on_time_varying_topology():
                          lambda m: torch.optim.SGD(m.parameters(), lr=0.1), D2)
         sim.step(lambda i, m: m(torch.ones(1, 2)).sum())
     assert any("changes every round" in str(w.message) for w in rec)
+
+
+class _TopologyComm(LocalCommunicator):
+    def __init__(self, topo):
+        super().__init__()
+        self.topo = topo
+
+    def topology(self):
+        return self.topo
+
+
+def _d2_warnings(topo) -> list[str]:
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        D2(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1),
+           communicator=_TopologyComm(topo))
+    return [str(w.message) for w in rec]
+
+
+def _lazy(topo) -> Topology:
+    eye = np.eye(topo.n)
+    return Topology.from_matrices([(eye + topo.matrix(t)) / 2 for t in range(topo.rounds)],
+                                  name="lazy " + topo.name)
+
+
+def test_d2_time_varying_warning_points_to_gradient_tracking_not_lazy_w():
+    from decomm.topology import BaseGraph
+
+    base = BaseGraph(25, 1)  # 9 rounds; a round with weights 4/9, 5/9... eigenvalue < -1/3
+    assert min(np.linalg.eigvalsh(base.matrix(t)).min() for t in range(base.rounds)) < -1 / 3
+    for topo in (base, _lazy(base)):
+        (msg,) = _d2_warnings(topo)
+        assert "static mixing matrix" in msg and "a cycle of 9 rounds" in msg
+        assert "Use GradientTracking" in msg and "e.g. (I + W) / 2" not in msg
+    # a static W keeps the eigenvalue advice, where the lazy W does help
+    (msg,) = _d2_warnings(RingGraph(4))
+    assert "eigenvalue -0.333333" in msg and "(I + W) / 2" in msg
+
+
+def test_d2_diverges_over_lazy_base_graph_and_gradient_tracking_does_not():
+    """The fact behind the warning: (I + W(t))/2 of BaseGraph(25, 1) has every eigenvalue
+    in [0, 1], yet D2 over it diverges on a heterogeneous quadratic, while gradient tracking
+    converges to the minimiser of the average loss, mean_i b_i."""
+    from decomm.topology import BaseGraph
+
+    lazy = _lazy(BaseGraph(25, 1))
+    assert min(np.linalg.eigvalsh(lazy.matrix(t)).min() for t in range(lazy.rounds)) >= -1e-12
+    b = torch.randn(25, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+
+    def run(cls):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sim = Simulation(lazy, lambda: nn.Linear(5, 1, bias=False, dtype=torch.float64),
+                             lambda m: torch.optim.SGD(m.parameters(), lr=0.1), cls)
+        for _ in range(600):
+            sim.step(lambda i, m: 0.5 * (m.weight[0] - b[i]).square().sum())
+        return float((sim.param_matrix() - b.mean(0)).norm(dim=1).max())
+
+    assert run(D2) > 1e6  # |b_i| ~ 3-10: a distance above 1e6 is divergence
+    assert run(GradientTracking) < 1e-2  # from about 5 at the start

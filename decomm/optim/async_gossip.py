@@ -104,9 +104,14 @@ class AsyncGossip(DecentralizedOptimizer):
 
     This is BlueFog's ``DistributedWinPutOptimizer`` algorithm (asynchronous
     adapt-then-combine; cf. Lian et al., "Asynchronous Decentralized Parallel SGD",
-    ICML 2018). With equal speeds and no staleness it is DSGD; with uneven speeds
-    faster ranks take more gradient steps, which biases the consensus towards
-    their data - use it where waiting for stragglers costs more than that.
+    ICML 2018). Only in lock-step - every put of step t has landed before any rank
+    mixes in step t, and no put of step t+1 lands before that - is ``\hat x_j`` the
+    value ``x_j − u_j`` of the same step, which makes it exactly DSGD
+    (adapt-then-combine) over the same ``W(t)``. Equal speeds alone do not give
+    that: nothing orders a neighbour's put against this rank's read, so ``\hat x_j``
+    may be a step or more old (or newer, from a rank running ahead). With uneven
+    speeds faster ranks take more gradient steps, which biases the consensus
+    towards their data - use it where waiting for stragglers costs more than that.
 
     Construction and :meth:`close` are collective (they create / free one MPI
     window per dtype bucket); :meth:`step` is not. ``global_every`` is not

@@ -19,12 +19,18 @@ class DSGD(DecentralizedOptimizer):
     (``u = lr * g`` for plain SGD; momentum, Nesterov, Adam, AdamW all compose
     because only ``u`` is used).  With the round's mixing matrix ``W(t)``:
 
-    * adapt-then-combine (ATC, default; Lian et al., "Can Decentralized
-      Algorithms Outperform Centralized Algorithms?", NeurIPS 2017)::
+    * adapt-then-combine (ATC, default), the diffusion form of Sayed and
+      co-authors (Lopes & Sayed, "Diffusion least-mean squares over adaptive
+      networks", IEEE Trans. Signal Process. 2008; the ATC ordering: Cattivelli &
+      Sayed, "Diffusion LMS strategies for distributed estimation", IEEE Trans.
+      Signal Process. 2010; survey: Sayed, "Adaptation, learning, and optimization
+      over networks", Found. Trends Mach. Learn. 2014)::
 
           x_i^{t+1} = Σ_j W(t)[i, j] (x_j^t − u_j^t)
 
-    * adapt-with-combine (AWC, ``combine_first=True``)::
+    * adapt-with-combine (AWC, ``combine_first=True``), the D-PSGD of Lian et
+      al., "Can Decentralized Algorithms Outperform Centralized Algorithms?",
+      NeurIPS 2017::
 
           x_i^{t+1} = Σ_j W(t)[i, j] x_j^t − u_i^t
 

@@ -1,4 +1,4 @@
-"""Gradient tracking (GT / DIGing / NEXT-style) over any torch optimizer."""
+"""Gradient tracking (adapt-then-combine form) over any torch optimizer."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ __all__ = ["GradientTracking"]
 class GradientTracking(DecentralizedOptimizer):
     r"""Gradient tracking: every node tracks the network-average gradient.
 
-    Nedić, Olshevsky, Shi, "Achieving geometric convergence for distributed
-    optimization over time-varying graphs" (SIAM J. Optim. 2017, DIGing);
-    Di Lorenzo, Scutari, "NEXT: In-network nonconvex optimization" (IEEE TSIPN
-    2016).  With ``g_i^t`` the local gradient at ``x_i^t`` and ``u(y)`` the
-    update the wrapped optimizer computes when it is fed ``y`` in place of the
-    gradient (``u = lr * y`` for plain SGD)::
+    The adapt-then-combine form, in which the parameters are mixed *after* the
+    local step, ``x ← W (x − u(y))``: Xu, Zhu, Soh & Xie, "Augmented distributed
+    gradient methods for multi-agent optimization under uncoordinated constant
+    stepsizes" (IEEE CDC 2015).  (DIGing, Nedić, Olshevsky & Shi, SIAM J. Optim.
+    2017, is the adapt-with-combine form ``x ← W x − u(y)``; tracking the average
+    gradient goes back to NEXT, Di Lorenzo & Scutari, IEEE TSIPN 2016.)  With
+    ``g_i^t`` the local gradient at ``x_i^t`` and ``u(y)`` the update the wrapped
+    optimizer computes when it is fed ``y`` in place of the gradient (``u = lr * y``
+    for plain SGD)::
 
         y_i^0     = g_i^0
         x_i^{t+1} = Σ_j W(t)[i, j] (x_j^t − u_j(y_j^t))

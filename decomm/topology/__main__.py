@@ -66,7 +66,8 @@ def _gap(topo: Topology) -> str:
         return f"skipped (n > {DENSE_LIMIT}: dense O(n^3))"
     g = topo.spectral_gap()
     if topo.rounds is None:
-        how = "1 - rho, rho^2 = ||E[(W-J/n)^T (W-J/n)]||, 256 sampled rounds"
+        how = ("1 - rho, rho^2 = ||E[(W-J/n)^T (W-J/n)]||, "
+               + ("exact" if topo._mean_square_rate is not None else "256 sampled rounds"))
     elif topo.rounds == 1:
         how = "1 - |lambda_2(W)|"
     else:

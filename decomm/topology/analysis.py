@@ -1,8 +1,9 @@
 """Analysis of topologies: cycle products, exactness, spectral gap, consensus curves.
 
-All functions take a :class:`~decomm.topology.core.Topology` and use only its public
-per-round access (``sparse(t)``, ``analysis_rounds()``), applying rounds sparsely to
-blocks of vectors rather than multiplying dense n x n matrices.
+All functions take a :class:`~decomm.topology.core.Topology` and use its per-round
+access (``sparse(t)``, ``analysis_rounds()``), applying rounds sparsely to blocks of
+vectors rather than multiplying dense n x n matrices; a random family's exact
+mean-square rate, when its constructor gave one (EquiDyn), replaces sampling.
 
 Definitions (x_{t+1} = W(t) x_t, J = 11^T):
 
@@ -11,7 +12,7 @@ Definitions (x_{t+1} = W(t) x_t, J = 11^T):
 * spectral gap ``1 - rho`` with ``rho = |lambda_2(W)|`` (static),
   ``||P - J/n||_2`` (cycles) or the mean-square rate
   ``rho^2 = ||E[(W - J/n)^T (W - J/n)]||_2`` (random families; Song et al. 2022
-  show rho <= sqrt(2)/2 for EquiDyn with eta = 1/2, for every n).
+  bound it by rho^2 <= 1/2 for directed EquiDyn with eta = 1/2, for every n).
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def _dev_norm(m: np.ndarray) -> float:
 def mean_square_rate(topo: Topology, samples: int = 256) -> float:
     """``rho`` with ``rho^2 = || mean_t (W(t) - J/n)^T (W(t) - J/n) ||_2`` over t < samples.
 
-    For a random family this estimates Song et al.'s (2022) mean-square consensus
-    rate, ``E ||W x - xbar||^2 <= rho^2 ||x - xbar||^2``.  Each term is formed
-    sparsely (O(nnz * n)); one symmetric eigen-solve at the end.
+    A Monte-Carlo estimate from sampled rounds (:func:`spectral_gap` uses the exact
+    rate instead when the topology knows it: EquiDyn).  For a random family this
+    estimates Song et al.'s (2022) mean-square consensus rate,
+    ``E ||W x - xbar||^2 <= rho^2 ||x - xbar||^2``.  Each term is formed sparsely
+    (O(nnz * n)); one symmetric eigen-solve at the end.
     """
     n = topo.n
     acc = np.zeros((n, n))
@@ -107,7 +110,8 @@ def spectral_gap(topo: Topology, per_round: bool = False, samples: int = 256) ->
     if topo.n == 1:
         return 1.0
     if topo.rounds is None:
-        return 1.0 - mean_square_rate(topo, samples)
+        exact = topo._mean_square_rate
+        return 1.0 - (exact() if exact is not None else mean_square_rate(topo, samples))
     if topo.rounds == 1:
         return 1.0 - _second_eig_modulus(topo.matrix(0))
     rho = _dev_norm(cycle_product(topo))

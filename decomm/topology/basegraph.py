@@ -2,8 +2,9 @@
 
 Takezawa, Sato, Niwa, Yamada, "Beyond Exponential Graph: Communication-Efficient
 Topologies for Decentralized Learning via Finite-time Convergence", NeurIPS 2023
-(Sec. 4, Alg. 1-3).  The constructions follow ``shared/basegraph.md`` (our written
-description of the paper and of the authors' reference code), with its bugs fixed:
+(Sec. 4, Alg. 1-3).  The constructions, why they are exact, and where decomm departs
+from the authors' reference code are written out in the documentation page "The
+Base-(k+1) construction" (``docs/basegraph.rst``); the reference code's bugs are fixed:
 
 * float64 weights (the product of one cycle is J/n to ~1e-15, not 1e-8);
 * base-(k+1) digits by exact integer arithmetic (no ``int(math.log(243, 3)) == 4``:
@@ -188,7 +189,7 @@ def base_graph_length(n: int, k: int) -> int:
 
 # ----------------------------------------------------------------------------- constructions
 def _simple_base_coo(n: int, k: int) -> list[Coo]:
-    """Rounds of the Simple Base-(k+1) graph on nodes 0..n-1 (Alg. 2; basegraph.md §2)."""
+    """Rounds of the Simple Base-(k+1) graph on nodes 0..n-1 (Alg. 2; docs/basegraph.rst §2)."""
     if smooth_part(n, k) == n:
         return _hh_coo(hyper_hypercube_factors(n, k), 0, n)
     b = k + 1

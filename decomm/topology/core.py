@@ -1,8 +1,9 @@
 """The :class:`Topology` type: a cycle of sparse mixing matrices, or a seeded random family.
 
-Convention (DESIGN.md): round ``t`` is an n x n row-stochastic matrix ``W(t)`` with
-``W[i, j]`` = the weight node ``i`` gives to the value it receives from node ``j``;
-one gossip step is ``x_new = W(t) @ x``, i.e. ``x_new[i] = W[i, i] x[i] + sum_j W[i, j] x[j]``.
+Convention (the documentation's Concepts page, ``docs/concepts.rst``): round ``t`` is
+an n x n row-stochastic matrix ``W(t)`` with ``W[i, j]`` = the weight node ``i`` gives
+to the value it receives from node ``j``; one gossip step is ``x_new = W(t) @ x``, i.e.
+``x_new[i] = W[i, i] x[i] + sum_j W[i, j] x[j]``.
 In-neighbours of ``i`` are ``{j != i : W[i, j] != 0}`` (row ``i``), out-neighbours are
 ``{j != i : W[j, i] != 0}`` (column ``i``).
 
@@ -166,6 +167,7 @@ class Topology:
         params: Mapping[str, Any] | None = None,
         sample_rounds: int = SAMPLE_ROUNDS,
         stochastic_tol: float | None = None,
+        mean_square_rate: Callable[[], float] | None = None,
     ) -> None:
         """Low-level constructor; prefer the graph constructors or :meth:`from_matrices`.
 
@@ -174,6 +176,9 @@ class Topology:
         its identity must be fully described by ``params``, which the fingerprint
         hashes).  Rounds are not validated here.  ``stochastic_tol`` (default
         ``stochastic_tolerance(n)``, float64 precision) is kept as an attribute.
+        ``mean_square_rate`` (random families only) returns the exact rate ``rho`` of
+        :meth:`spectral_gap` from the family's distribution; without it the rate is
+        estimated from sampled rounds.
         """
         self.n = _check_int(n, "n", 1)
         if (round_list is None) == (generator is None):
@@ -184,6 +189,9 @@ class Topology:
         self.name = name if name is not None else kind + "(" + ", ".join(
             f"{k}={v!r}" for k, v in self.params.items()) + ")"
         self._generator = generator
+        if mean_square_rate is not None and generator is None:
+            raise ValueError("mean_square_rate is for random families (generator=...)")
+        self._mean_square_rate = mean_square_rate
         self._cache: OrderedDict[int, SparseRound] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.sample_rounds = int(sample_rounds)
@@ -530,23 +538,33 @@ class Topology:
         return _analysis.is_finite_time_exact(self, tol)
 
     def spectral_gap(self, per_round: bool = False, samples: int = 256) -> float:
-        """Consensus speed as ``1 - rho`` (1 means one round/cycle averages exactly).
+        """Consensus speed as ``1 - rho``: the fraction of the distance to the average
+        that one round (static, random) or one cycle removes, in the worst case over
+        starting points; 1 means exact averaging.
+
+        ``rho`` is the contraction factor of the deviation from the average, ``x - xbar``
+        (``xbar = J x / n``, ``J = 1 1^T``):
 
         * static (``rounds == 1``): ``rho = |lambda_2(W)|``, the second largest
-          eigenvalue modulus;
+          eigenvalue modulus (``= ||W - J/n||_2`` for symmetric doubly stochastic W);
         * cycles (``rounds = L > 1``): ``rho = ||P - J/n||_2`` for the cycle product
-          P (the second largest singular value of P when P is doubly stochastic);
-          exact sequences have gap 1 (rho below 1e-12 counts as 0).  With
-          ``per_round=True`` returns
-          ``1 - rho ** (1 / L)``, comparable with static graphs;
-        * random families: the expected per-round mean-square rate of Song et al.
-          (2022), ``rho^2 = ||E[(W - J/n)^T (W - J/n)]||_2`` (so that
-          ``E||W x - xbar||^2 <= rho^2 ||x - xbar||^2``), estimated by Monte-Carlo over
-          rounds t = 0 .. ``samples``-1 of this topology's seed.  Exact value for
-          directed EquiDyn: ``rho^2 = (1 - eta)^2 + eta^2 (1 - 2/n)``, i.e.
-          ``1/2 - 1/(2n)`` for eta = 1/2; the estimate is slightly pessimistic.
+          ``P = W(L-1) ... W(0)``, so ``||x_L - xbar|| <= rho ||x_0 - xbar||``; exact
+          sequences have gap 1 (rho below 1e-12 counts as 0).  With ``per_round=True``
+          returns ``1 - rho ** (1 / L)``, comparable with static graphs;
+        * random families (``rounds is None``, rounds drawn independently from one
+          distribution): the root-mean-square contraction of one round,
+          ``rho^2 = ||E[(W - J/n)^T (W - J/n)]||_2 = max_x E||(W - J/n) x||^2 / ||x||^2``,
+          so ``E||x_t - xbar||^2 <= rho^(2t) ||x_0 - xbar||^2`` (the mean-square rate
+          of Song et al., 2022).  For a single deterministic W this is the cycle
+          definition with L = 1, ``||W - J/n||_2``.  It is not ``E||W - J/n||_2``,
+          which is close to 1 for EquiDyn.  Exact for :func:`EquiDyn` (the average
+          over all its equally likely rounds, in closed form); for other families
+          estimated from rounds t = 0 .. ``samples``-1 of this topology's seed.
+          Directed EquiDyn: ``rho^2 = (1 - eta)^2 + eta^2 (1 - 2/n)``, i.e.
+          ``1/2 - 1/(2n)`` for eta = 1/2.
 
-        Uses dense linear algebra, O(n^3) (plus O(samples * nnz * n) for random families).
+        Uses dense linear algebra, O(n^3) (plus O(samples * nnz * n) for sampled random
+        families; O(n log n) for EquiDyn).
         """
         return _analysis.spectral_gap(self, per_round=per_round, samples=samples)
 

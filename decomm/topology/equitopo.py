@@ -16,7 +16,7 @@ from ._build import check_n, check_seed, circulant, make
 from ._sparse import SparseRound
 from .core import Topology, _check_int
 
-__all__ = ["EquiDyn", "EquiStatic"]
+__all__ = ["EquiDyn", "EquiStatic", "equidyn_mean_square_rate"]
 
 
 def _check_eta(eta: float) -> float:
@@ -77,9 +77,19 @@ def EquiDyn(n: int, eta: float = 0.5, undirected: bool = False, seed: int = 0) -
       pair exchanges with the same weight ``eta (n-1)/n``; symmetric, degree <= 1
       (a node of an odd cycle idles).
 
-    Song et al. prove ``E ||W - J/n||_2 <= sqrt(2)/2`` for the directed family with
-    eta = 1/2, for every n: the consensus rate does not degrade with n.
-    ``spectral_gap()`` estimates ``1 - E ||W(t) - J/n||_2`` over rounds 0..63.
+    Song et al. bound the *mean-square* consensus rate of the directed family: with
+    ``rho^2 = ||E[(W - J/n)^T (W - J/n)]||_2`` (the expectation over the random u),
+    ``E||W x - xbar||^2 <= rho^2 ||x - xbar||^2`` for every x, and ``rho <= sqrt(2)/2``
+    for eta = 1/2, whatever n: the rate does not degrade with n.  Exactly,
+    ``rho^2 = (1 - eta)^2 + eta^2 (1 - 2/n)`` (``1/2 - 1/(2n)`` for eta = 1/2).  The
+    bound is not on ``E||W - J/n||_2``, which is close to 1: a single round contracts
+    some directions hardly at all (n = 16, eta = 1/2: ``||W(u) - J/n||_2`` is 0.981 for
+    odd u and 1 for even u, whose graph is disconnected; 0.990 on average); only on
+    average over u does the distance shrink.
+
+    ``spectral_gap()`` is ``1 - rho`` computed exactly from the distribution of a round
+    (see :meth:`Topology.spectral_gap`): the average over the n - 1 equally likely
+    circulants (undirected: and over the uniformly drawn pairing start), not a sample.
     n = 1 gives identity rounds.
 
     >>> t = EquiDyn(16, seed=3)
@@ -105,7 +115,51 @@ def EquiDyn(n: int, eta: float = 0.5, undirected: bool = False, seed: int = 0) -
 
     params = {"n": n, "eta": eta, "undirected": undirected, "seed": seed}
     name = f"EquiDyn(n={n}, eta={eta:g}{', undirected' if undirected else ''}, seed={seed})"
-    return Topology(n, generator=generate, name=name, kind="EquiDyn", params=params)
+    return Topology(n, generator=generate, name=name, kind="EquiDyn", params=params,
+                    mean_square_rate=lambda: equidyn_mean_square_rate(n, eta, undirected))
+
+
+def equidyn_mean_square_rate(n: int, eta: float = 0.5, undirected: bool = False) -> float:
+    r"""Exact ``rho`` with ``rho^2 = ||E[(W - J/n)^T (W - J/n)]||_2`` for :func:`EquiDyn`.
+
+    The expectation is over one round's random draw: u uniform on ``1 .. n-1`` (and,
+    undirected, the pairing start uniform on ``0 .. n/gcd(n, u) - 1``).  Every
+    ``W`` is doubly stochastic, so ``(W - J/n)^T (W - J/n) = W^T W - J/n``, and
+    ``E[W^T W]`` is circulant; ``rho^2`` is its largest eigenvalue off the all-ones
+    vector.
+
+    * Directed: ``W = a I + b S^u`` (``S`` the cyclic shift, ``a = 1 - b``,
+      ``b = eta (n-1)/n``) gives ``W^T W = (a^2 + b^2) I + a b (S^u + S^{-u})``; the
+      average of ``S^u`` over u is ``(J - I)/(n-1)``, so every eigenvalue off the
+      ones vector is ``a^2 + b^2 - 2ab/(n-1) = (1 - eta)^2 + eta^2 (1 - 2/n)``.
+    * Undirected: a pair exchanging with weight ``w = b`` has ``W^2 = I - 2w(1-w) L``
+      with L the matching's Laplacian, so ``E[W^2] = I - 2w(1-w) E[L]``.  Along a cycle
+      of ``i -> i + u`` (length ``m = n / gcd(n, u)``) a node pairs forward (with
+      ``i + u``) for ``floor(m/2)`` of the m starts, and backward as often, so nodes i
+      and ``i + d`` are paired with probability ``p_d = 2 floor(m_d/2) / (m_d (n-1))``.
+      The eigenvalue at frequency k is
+      ``1 - 2w(1-w) sum_d p_d (1 - cos(2 pi k d / n))``; ``rho^2`` is its maximum over
+      ``k = 1 .. n-1`` (one FFT, O(n log n)).
+
+    >>> round(equidyn_mean_square_rate(16) ** 2, 12) == round(0.5 - 0.5 / 16, 12)
+    True
+    """
+    n = check_n(n)
+    eta = _check_eta(eta)
+    if n == 1:
+        return 0.0
+    b = eta * (n - 1) / n
+    if not undirected:
+        a = 1.0 - b
+        rho2 = a * a + b * b - 2.0 * a * b / (n - 1)
+    else:
+        d = np.arange(1, n, dtype=np.int64)
+        m = n // np.gcd(n, d)
+        p = np.zeros(n)
+        p[1:] = 2.0 * (m // 2) / (m * (n - 1))
+        lam = 1.0 - 2.0 * b * (1.0 - b) * (p.sum() - np.fft.fft(p).real[1:])
+        rho2 = float(lam.max())
+    return float(np.sqrt(max(rho2, 0.0)))
 
 
 def EquiStatic(n: int, m: int, undirected: bool = False, seed: int = 0) -> Topology:

@@ -1,8 +1,9 @@
 """Exponential-type topologies: static exponential, one-peer exponential, hypercube.
 
 Direction convention: node i **sends to** ``(i + 2^j) mod n`` and therefore
-**receives from** ``(i - 2^j) mod n``, i.e. ``W[i, (i - 2^j) mod n] != 0``
-(DESIGN.md: "round t links i -> i + 2^t").
+**receives from** ``(i - 2^j) mod n``, i.e. ``W[i, (i - 2^j) mod n] != 0`` (rows
+receive, ``x <- W x``, as everywhere in decomm; see ``docs/concepts.rst``).  Round t of
+the one-peer graph links i -> i + 2^t.
 
 References: Ying, Yuan, Chen, Hu, Pan & Yin, "Exponential graph is provably
 efficient for decentralized deep training", NeurIPS 2021; Shi, Li, Johansson &

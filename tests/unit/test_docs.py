@@ -76,7 +76,8 @@ def html(tmp_path_factory) -> Path:
     return out
 
 
-PAGES = ["index", "installation", "quickstart", "concepts", "topology_gallery", "optimizers",
+PAGES = ["index", "installation", "quickstart", "concepts", "basegraph", "topology_gallery",
+         "optimizers",
          "performance", "troubleshooting", "migration_bluefog", "api", "changelog",
          "api/decomm", "api/topology", "api/optim", "api/sim", "api/extras"]
 

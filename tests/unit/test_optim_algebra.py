@@ -3,7 +3,7 @@
 Problem: node i minimises f_i(x) = ||A_i x - b_i||^2 / (2 m) over a model whose
 parameters are two tensors (w: 3x2, c: 4) flattened into x in R^10; the
 gradient is A_i^T (A_i x - b_i) / m.  The numpy reference below writes each
-algorithm's equation (DESIGN.md) directly on the n x d iterate matrix X
+algorithm's equation (as docs/optimizers.rst states it) directly on the n x d iterate matrix X
 (row i = node i), with u = lr * g for plain SGD.
 """
 

@@ -457,27 +457,75 @@ def test_equidyn_undirected() -> None:
 @pytest.mark.parametrize("undirected", [False, True])
 def test_equidyn_rate_independent_of_n(undirected: bool) -> None:
     """Song et al. 2022: rho^2 = ||E[(W-J/n)^T (W-J/n)]|| = 1/2 - 1/(2n) <= 1/2 for
-    eta = 1/2, whatever n.  Check the estimated gap and the empirical per-step decay."""
+    directed EquiDyn with eta = 1/2, whatever n.  Check the gap and the empirical decay."""
     gaps, rates = [], []
     for n in (16, 64, 256):
         t = EquiDyn(n, undirected=undirected, seed=0)
         gaps.append(t.spectral_gap())
         curve = t.consensus_curve(30, trials=4, seed=1)
         rates.append(curve[-1] ** (1 / 30))
-    assert min(gaps) > 0.2 and max(gaps) / min(gaps) < 1.3
+        if not undirected:
+            assert t.spectral_gap() == pytest.approx(1 - math.sqrt(0.5 - 0.5 / n), abs=1e-14)
+    assert min(gaps) > 1 - math.sqrt(0.5)
     assert max(rates) < 0.75  # whereas a ring's per-step decay tends to 1:
     assert RingGraph(256).consensus_curve(30, trials=2)[-1] ** (1 / 30) > 0.9
-    # the exact expectation for directed EquiDyn, enumerating every u in 1..n-1
-    n = 16
-    acc = np.zeros((n, n))
+
+
+def _equidyn_rounds_from_definition(n: int, eta: float, undirected: bool):
+    """Every round EquiDyn can draw, with its probability, built from Song et al.'s
+    definition with dense numpy (independent of decomm's sparse constructors)."""
+    shift = np.roll(np.eye(n), 1, axis=0)  # (S x)[i] = x[i - 1]: node i receives from i - 1
+    w = eta * (n - 1) / n
     for u in range(1, n):
-        a = np.eye(n) / n + (n - 1) / n * np.roll(np.eye(n), u, axis=0)
-        w = 0.5 * np.eye(n) + 0.5 * a - 1 / n
-        acc += w.T @ w / (n - 1)
-    rho2 = np.linalg.eigvalsh(acc).max()
-    assert rho2 == pytest.approx(0.5 - 0.5 / n)
-    if not undirected:
-        assert abs(gaps[0] - (1 - math.sqrt(rho2))) < 0.05
+        if not undirected:
+            a = np.eye(n) / n + (n - 1) / n * np.linalg.matrix_power(shift, u)
+            yield 1 / (n - 1), (1 - eta) * np.eye(n) + eta * a
+            continue
+        g = math.gcd(n, u)
+        length = n // g
+        for start in range(length):  # pairs (p, p+1) along each cycle c, c+u, c+2u, ...
+            m = np.eye(n)
+            for c in range(g):
+                cyc = [(c + u * q) % n for q in range(length)]
+                for k in range(length // 2):
+                    i, j = cyc[(start + 2 * k) % length], cyc[(start + 2 * k + 1) % length]
+                    m[i, i] = m[j, j] = 1 - w
+                    m[i, j] = m[j, i] = w
+            yield 1 / ((n - 1) * length), m
+
+
+@pytest.mark.parametrize("undirected", [False, True])
+@pytest.mark.parametrize(("n", "eta"), [(2, 0.5), (9, 0.5), (12, 0.3), (15, 1.0), (16, 0.5)])
+def test_equidyn_spectral_gap_is_exact_over_all_rounds(n: int, eta: float,
+                                                       undirected: bool) -> None:
+    """spectral_gap() = 1 - rho with rho^2 the largest eigenvalue of the exact expectation
+    of (W - J/n)^T (W - J/n) over every round the family can draw (not a sample)."""
+    acc = np.zeros((n, n))
+    total = 0.0
+    for prob, w in _equidyn_rounds_from_definition(n, eta, undirected):
+        dev = w - 1 / n
+        acc += prob * dev.T @ dev
+        total += prob
+    assert total == pytest.approx(1.0)
+    rho = math.sqrt(np.linalg.eigvalsh(acc).max())
+    t = EquiDyn(n, eta=eta, undirected=undirected, seed=4)
+    assert t.spectral_gap() == pytest.approx(1 - rho, abs=1e-12)
+    # the rounds the generator draws are members of that family
+    family = [w for _, w in _equidyn_rounds_from_definition(n, eta, undirected)]
+    for s in range(20):
+        assert any(np.allclose(t.matrix(s), w, rtol=0, atol=1e-15) for w in family)
+
+
+def test_equidyn_bound_is_on_the_mean_square_rate_not_the_mean_norm() -> None:
+    """n = 16, eta = 1/2: E||W - J/n||_2 over the 15 circulants is 0.990 (0.981 for odd
+    u, 1 for even u), far above sqrt(2)/2; the mean-square rate is sqrt(1/2 - 1/32)."""
+    n = 16
+    norms = [np.linalg.norm(w - 1 / n, 2) for _, w in _equidyn_rounds_from_definition(n, 0.5,
+                                                                                      False)]
+    assert np.mean(norms) == pytest.approx(0.990, abs=5e-4)
+    assert np.allclose(norms[1::2], 1.0) and np.allclose(norms[0::2], 0.981, atol=5e-4)
+    assert 1 - EquiDyn(n).spectral_gap() == pytest.approx(math.sqrt(0.5 - 0.5 / n))
+    assert 1 - EquiDyn(n).spectral_gap() < math.sqrt(2) / 2 < np.mean(norms)
 
 
 def test_equistatic() -> None:

@@ -2,7 +2,8 @@
 
 Expected lengths come from closed forms computed here independently of the library
 (base-(k+1) digits via ``numpy.base_repr``, smoothness by trial division, minimal
-factor counts by brute force), and from the table in shared/basegraph.md §7.
+factor counts by brute force), and from the length table in docs/basegraph.rst
+(the lengths of the authors' reference code, which decomm keeps).
 Exactness is checked by applying every round sparsely to the identity matrix, i.e.
 the whole cycle product is compared with J/n.
 """
@@ -109,7 +110,7 @@ def test_base_and_simple_every_n_up_to_200(k: int) -> None:
             _check_exact_full(topo)
 
 
-# basegraph.md §7: n -> [(Base length, Simple length, Base max degree) for k = 1..4]
+# docs/basegraph.rst, "Lengths": n -> [(Base length, Simple length, Base max degree), k = 1..4]
 TABLE = {
     5: [(5, 5, 1), (3, 3, 2), (3, 3, 3), (1, 1, 4)],
     10: [(6, 7, 1), (4, 5, 2), (4, 4, 3), (2, 2, 4)],
@@ -171,7 +172,8 @@ def test_reference_code_bugs_are_fixed() -> None:
 
 
 def test_simple_base_example_n5_k1() -> None:
-    """basegraph.md §2: r2 = edge 3-4 (4/5, self 1/5 each), inner edge 0-1 (1/2), 2 idle."""
+    """docs/basegraph.rst §2 example: r2 = edge 3-4 (4/5, self 1/5 each), inner edge 0-1
+    (1/2), 2 idle."""
     t = SimpleBaseGraph(5, 1)
     expect = np.zeros((5, 5))
     expect[3, 3] = expect[4, 4] = 1 / 5

@@ -9,7 +9,7 @@ wrappers as an MPI run, mixing done in-process — which on a 2-core machine is 
 cheaper than n MPI ranks.
 
 Two tasks ship offline: scikit-learn's digits (easy: most topologies tie) and
-:func:`decomm.data.make_synthetic` (20 classes, overlapping Gaussian clusters; hard
+``make_synthetic`` of ``examples/datasets.py`` (20 classes, overlapping Gaussian clusters; hard
 enough that consensus matters).
 
 Writes ``benchmarks/results/topologies.md`` (tables + verdict), ``topologies.csv``
@@ -43,10 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT))
 
+from datasets import ArrayDataset, load_dataset  # noqa: E402  (examples/datasets.py)
+from models import build_model  # noqa: E402  (examples/models.py)
 from train import lr_factor, make_topology  # noqa: E402  (examples/train.py)
 
-from decomm.data import ArrayDataset, dirichlet_split, load_dataset  # noqa: E402
-from decomm.models import build_model  # noqa: E402
+from decomm.data import dirichlet_split  # noqa: E402
 from decomm.optim import D2, DSGD, GradientTracking, QGDSGDm  # noqa: E402
 from decomm.sim import Simulation  # noqa: E402
 
@@ -570,9 +571,9 @@ def write_report(results: list[tuple[Spec, Curve]], args: argparse.Namespace,
         "Tasks: " + "; ".join(
             f"**{t}** ({TASKS[t]['model']} {TASKS[t]['hidden']}, lr {TASKS[t]['lr']}, "
             f"batch {TASKS[t]['batch']}/node, {args.epochs or TASKS[t]['epochs']} epochs)"
-            for t in args.tasks) + ". `synthetic` = `decomm.data.make_synthetic()`: 20 "
-        "classes × 3 overlapping Gaussian clusters in 8 of 32 dimensions, 8,000 train / "
-        "2,000 test samples.",
+            for t in args.tasks) + ". `synthetic` = `make_synthetic()` of "
+        "`examples/datasets.py`: 20 classes × 3 overlapping Gaussian clusters in 8 of 32 "
+        "dimensions, 8,000 train / 2,000 test samples.",
         "",
     ]
     lines += overall_summary(summary)

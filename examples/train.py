@@ -40,9 +40,16 @@ import torch.nn.functional as F
 
 import decomm
 import decomm.optim
-from decomm.data import DATASETS, dirichlet_split, load_dataset, split_summary
-from decomm.models import MODELS, build_model, count_parameters, default_model
+from decomm.data import dirichlet_split, split_summary
 from decomm.topology import Topology, by_name, canonical_name, graph_names, graph_params
+
+# The example's datasets and models sit next to this file (they are not part of the
+# library); make them importable also when this file is loaded by path (the tests do).
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+from datasets import DATASETS, load_dataset  # noqa: E402  (examples/datasets.py)
+from models import MODELS, build_model, count_parameters, default_model  # noqa: E402
 
 #: The topologies this example documents and compares (examples/README.md), in the
 #: canonical spelling of ``decomm.topology.by_name``. ``--topology`` accepts every name

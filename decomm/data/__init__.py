@@ -1,22 +1,14 @@
-"""Datasets and heterogeneous data splits for decentralized training (offline, torch-free).
+"""Heterogeneous data splits for decentralized training (numpy only, torch-free).
 
 * :func:`dirichlet_split` — label-skewed shards across ranks (``alpha`` heterogeneity);
-* :func:`load_dataset` — ``"digits"`` (bundled with scikit-learn), ``"synthetic"`` (a
-  deterministic hard task), ``"fashionmnist"`` and ``"cifar10"`` (standard files read
-  from a local directory; nothing is downloaded).
+* :func:`iid_split` — the homogeneous baseline;
+* :func:`label_histograms`, :func:`split_summary` — what each rank got.
+
+The example datasets and models (digits, synthetic, FashionMNIST, CIFAR-10 loaders;
+MLP, CNN, LeNet, VGG, ResNet) live with the examples, in ``examples/datasets.py`` and
+``examples/models.py``: they are not part of the library.
 """
 
-from decomm.data.datasets import (
-    DATASETS,
-    ArrayDataset,
-    load_cifar10,
-    load_dataset,
-    load_digits,
-    load_fashion_mnist,
-    make_synthetic,
-    read_cifar10_batch,
-    read_idx,
-)
 from decomm.data.split import (
     dirichlet_split,
     iid_split,
@@ -25,17 +17,8 @@ from decomm.data.split import (
 )
 
 __all__ = [
-    "DATASETS",
-    "ArrayDataset",
     "dirichlet_split",
     "iid_split",
     "label_histograms",
-    "load_cifar10",
-    "load_dataset",
-    "load_digits",
-    "load_fashion_mnist",
-    "make_synthetic",
-    "read_cifar10_batch",
-    "read_idx",
     "split_summary",
 ]

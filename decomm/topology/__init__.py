@@ -1,6 +1,6 @@
 """decomm.topology: communication topologies for decentralized learning.
 
-Pure numpy (networkx and matplotlib are imported lazily, only for interop and
+Pure numpy (networkx and matplotlib are optional, imported lazily only for interop and
 plots); never imports MPI or the decomm runtime.  A :class:`Topology` is a cycle of
 sparse mixing matrices ``W(0), ..., W(L-1)`` (``W[i, j]`` = weight node i gives to
 node j's value, ``x_new = W @ x``) or a seeded random family.

@@ -301,7 +301,9 @@ class Topology:
           :meth:`to_networkx`.
 
         Nodes must be the integers ``0 .. n-1`` (use
-        ``nx.convert_node_labels_to_integers`` otherwise).
+        ``nx.convert_node_labels_to_integers`` otherwise).  Only the graph's own
+        methods are used (``nodes``, ``edges``, ``is_directed``): decomm itself does
+        not import networkx, an optional dependency (``pip install 'decomm[networkx]'``).
 
         >>> import networkx as nx
         >>> Topology.from_networkx(nx.path_graph(3)).matrix(0).round(4).tolist()
@@ -345,8 +347,16 @@ class Topology:
         Edge ``j -> i`` (j sends to i) carries ``weight = W[i, j]``; every node has a
         self-loop ``i -> i`` with ``weight = W[i, i]`` when that is non-zero.
         ``Topology.from_networkx`` of the result gives the same round back.
+
+        networkx is an optional dependency (``pip install 'decomm[networkx]'``);
+        nothing else in decomm imports it.
         """
-        import networkx as nx
+        try:
+            import networkx as nx
+        except ImportError as exc:
+            raise ImportError(
+                "Topology.to_networkx needs networkx, an optional dependency of decomm: "
+                "pip install 'decomm[networkx]' (or pip install networkx)") from exc
 
         r = self.sparse(t)
         g = nx.DiGraph()

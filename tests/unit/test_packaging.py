@@ -147,6 +147,37 @@ def test_sdist_contains_package_and_build_files(sdist_members):
     assert not missing, f"package modules missing from the sdist: {missing}"
 
 
+def test_examples_models_and_datasets_ship_with_the_examples_not_the_package(sdist_members):
+    for name in ("examples/train.py", "examples/models.py", "examples/datasets.py",
+                 "decomm/data/split.py"):
+        assert name in sdist_members, name
+    for name in ("decomm/models.py", "decomm/data/datasets.py"):
+        assert name not in sdist_members, name
+    assert importlib.util.find_spec("decomm.models") is None
+
+
+def _setup_keyword(name: str):
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            for kw in node.keywords:
+                if kw.arg == name:
+                    return ast.literal_eval(kw.value)
+    raise AssertionError(f"setup.py passes no {name}= to setup()")
+
+
+def test_networkx_is_an_optional_extra():
+    """Only Topology.to_networkx imports networkx: not a requirement of the package, an
+    extra (pip install 'decomm[networkx]'), and still in requirements.txt for the tests."""
+    assert not any(r.startswith("networkx") for r in _setup_keyword("install_requires"))
+    extras = _setup_keyword("extras_require")
+    assert extras["networkx"] == ["networkx"] and "networkx" in extras["test"]
+    reqs = (ROOT / "requirements.txt").read_text().split()
+    assert "networkx" in reqs
+
+
 def test_sdist_has_no_build_outputs(sdist_members):
     bad = [n for n in sdist_members
            if n.endswith((".so", ".o", ".pyc")) or "__pycache__" in n or n.startswith(".venv")]

@@ -69,6 +69,48 @@ def test_import_is_self_contained() -> None:
     assert out.stdout.strip() == "[]"
 
 
+_BLOCK_NETWORKX = """
+import sys
+
+class BlockNetworkx:  # as if networkx were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "networkx" or name.startswith("networkx."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, BlockNetworkx())
+"""
+
+
+def test_decomm_and_topologies_work_without_networkx() -> None:
+    """networkx is an optional extra: import decomm (optimizers and simulator too), build,
+    analyse and simulate topologies with it blocked; only to_networkx needs it, and its
+    ImportError says how to install it."""
+    root = Path(__file__).resolve().parents[2]
+    code = _BLOCK_NETWORKX + (
+        "import numpy as np\n"
+        "import decomm, decomm.optim, decomm.sim\n"
+        "from decomm.topology import BaseGraph, EquiDyn, RingGraph, Topology, by_name\n"
+        "t = BaseGraph(25, 2)\n"
+        "assert t.is_finite_time_exact() and t.spectral_gap() == 1.0\n"
+        "assert abs(EquiDyn(16).spectral_gap() - (1 - (0.5 - 0.5 / 16) ** 0.5)) < 1e-12\n"
+        "assert by_name('ring', 5).max_degree() == 2\n"
+        "w = Topology.from_matrices(RingGraph(4).matrix(0))\n"
+        "x = np.arange(4.0)\n"
+        "assert np.allclose(w.mix(x, 0), RingGraph(4).matrix(0) @ x)\n"
+        "try:\n"
+        "    t.to_networkx(0)\n"
+        "except ImportError as exc:\n"
+        "    print('to_networkx:', exc)\n"
+        "assert 'networkx' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(root), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        "to_networkx: Topology.to_networkx needs networkx, an optional dependency of decomm: "
+        "pip install 'decomm[networkx]' (or pip install networkx)")
+
+
 def test_from_matrices_queries() -> None:
     t = Topology.from_matrices([DIRECTED, DIRECTED.T])
     assert t.n == 4 and t.rounds == 2

@@ -1,4 +1,4 @@
-"""Tests for decomm.data.datasets: offline datasets and the real-file parsers.
+"""Tests for examples/datasets.py: offline datasets and the real-file parsers.
 
 The FashionMNIST and CIFAR-10 parsers are tested on tiny files written here in
 the real formats (idx-ubyte, gz or not; pickled python batches).
@@ -9,13 +9,18 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from decomm.data import (
+# the examples' datasets module is not part of the package: import it from examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from datasets import (
+    CIFAR10_FILES,
     DATASETS,
+    FASHION_FILES,
     load_cifar10,
     load_dataset,
     load_digits,
@@ -24,7 +29,6 @@ from decomm.data import (
     read_cifar10_batch,
     read_idx,
 )
-from decomm.data.datasets import CIFAR10_FILES, FASHION_FILES
 
 # ----------------------------------------------------------------------------- writers
 
@@ -227,7 +231,7 @@ def test_cifar10_missing_files_error(tmp_path: Path) -> None:
 def test_digits_fast_path_matches_sklearn() -> None:
     """load_digits reads sklearn's CSV without importing sklearn.datasets; same data."""
     sk = pytest.importorskip("sklearn.datasets")
-    from decomm.data.datasets import _digits_arrays
+    from datasets import _digits_arrays
 
     x, y = _digits_arrays()
     bunch = sk.load_digits()

@@ -1,11 +1,17 @@
-"""Tests for decomm.models: shapes, parameter counts and error paths of the reference models."""
+"""Tests for examples/models.py: shapes, parameter counts and error paths of the reference
+models."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from decomm.models import MODELS, build_model, count_parameters, default_model
+# the examples' models module is not part of the package: import it from examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from models import MODELS, build_model, count_parameters, default_model
 
 
 @pytest.mark.parametrize("name, shape", [

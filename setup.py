@@ -193,8 +193,10 @@ setup(
     # An sdist only ships the sources; it needs neither torch's build tools nor MPI.
     ext_modules=[] if any(a in ("sdist", "egg_info") for a in sys.argv[1:]) else extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch", "numpy", "mpi4py", "networkx"],
-    extras_require={"plot": ["matplotlib"], "test": ["pytest", "pytest-mpi", "pytest-timeout"],
+    install_requires=["torch", "numpy", "mpi4py"],
+    # networkx: only Topology.to_networkx imports it; matplotlib: only the plots.
+    extras_require={"networkx": ["networkx"], "plot": ["matplotlib"],
+                    "test": ["pytest", "pytest-mpi", "pytest-timeout", "networkx"],
                     "docs": ["sphinx>=7.0", "myst-parser>=2.0"]},
     entry_points={"console_scripts": ["decomm-run = decomm.launcher:main"]},
     classifiers=[

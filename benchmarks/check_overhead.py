@@ -34,7 +34,7 @@ def worker(out: str, reps: int, iters: int) -> None:
     torch.set_num_threads(1)
     decomm.init()
     decomm.set_topology(RingGraph(decomm.size()))
-    backend = decomm.runtime._require().backend
+    backend = decomm._state.require().backend
     x = torch.zeros(1024)  # 4 KB of float32
     ops = {
         "neighbor_allreduce 4 KB": lambda: decomm.neighbor_allreduce_(x, name="x"),

@@ -28,7 +28,6 @@ for CUDA tensors, and the NCCL extension is imported only when it exists.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import socket
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 
 import torch
 
+from . import _agree, backends
 from .errors import DecommError
 
 __all__ = [
@@ -167,8 +167,6 @@ _plan: CudaPlan | None = None
 
 
 def _nccl_built() -> bool:
-    from . import backends
-
     if not backends.built_with_cuda():
         return False
     import importlib
@@ -201,10 +199,6 @@ def _gpu_identity(device: int) -> str:
     return f"{socket.gethostname()}:{physical}"
 
 
-def _h63(text: str) -> int:
-    return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)
-
-
 def _say(state: Any, message: str) -> None:
     if state.rank == 0:
         sys.stderr.write(f"[decomm] {message}\n")
@@ -229,9 +223,9 @@ def setup(state: Any, backend: str = "auto", *, check: bool | None = None) -> Cu
     # GPU machine leave CUDA alone beyond the availability check).
     nccl_built = has_cuda and backend != "mpi" and _nccl_built()
     device = _pick_device(state.local_rank) if nccl_built else None
-    gpu = _h63(_gpu_identity(device)) if device is not None else 0
-    mine = torch.tensor([[int(has_cuda), int(nccl_built), gpu]], dtype=torch.int64)
-    table = state.backend.allgather(mine, "decomm.cuda_setup").tolist()
+    gpu = _agree.digest(_gpu_identity(device)) if device is not None else 0
+    table = _agree.gather_rows(state.backend.allgather, [int(has_cuda), int(nccl_built), gpu],
+                               "decomm.cuda_setup")
 
     no_cuda = [r for r, row in enumerate(table) if not row[0]]
     no_nccl = [r for r, row in enumerate(table) if row[0] and not row[1]]
@@ -318,14 +312,12 @@ def _plan_for(state: Any) -> CudaPlan:
     return plan
 
 
-def check_device(t: torch.Tensor, op: str, name: str) -> None:
-    """Raise for tensors on devices decomm cannot move (anything but CPU and CUDA)."""
+def check_device(t: torch.Tensor, where: str) -> None:
+    """Raise for tensors on devices decomm cannot move (anything but CPU and CUDA);
+    ``where`` starts the message (``"neighbor_allreduce 'x' on rank 3"``)."""
     if t.device.type not in ("cpu", "cuda"):
-        from . import runtime
-
-        where = f" on rank {runtime._state.rank}" if runtime._state is not None else ""
-        raise DecommError(f"{op} '{name}'{where}: tensor is on {t.device}; decomm moves CPU "
-                          "and CUDA tensors only")
+        raise DecommError(f"{where}: tensor is on {t.device}; decomm moves CPU and CUDA "
+                          "tensors only")
 
 
 def backend_for(state: Any, t: torch.Tensor, op: str = "") -> Any:

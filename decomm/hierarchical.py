@@ -35,7 +35,6 @@ must agree on the grouping (checked: a ``DecommError`` names the ranks that diff
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import threading
 from collections.abc import Mapping
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import runtime, timeline
+from . import _agree, _checks, _state, timeline
 from .errors import DecommError
 from .topology import ExponentialGraph, Topology
 
@@ -54,9 +53,9 @@ __all__ = [
     "hierarchical_neighbor_allreduce",
     "hierarchical_neighbor_allreduce_",
     "init_machines",
-    "local_rank",
-    "local_size",
     "machine_in_neighbors",
+    "machine_local_rank",
+    "machine_local_size",
     "machine_of",
     "machine_out_neighbors",
     "machine_rank",
@@ -70,16 +69,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
-class _Plan:
-    self_weight: float
-    src: list[int]
-    src_w: list[float]
-    dst: list[int]
-
-
-@dataclass
 class _Hier:
-    owner: Any  # the runtime._State this grouping was built for
+    owner: Any  # the _state.State this grouping was built for
     rank: int
     size: int
     machine: int  # this rank's machine id (= its leader's rank on the leaders' comm)
@@ -92,13 +83,13 @@ class _Hier:
     leaders_be: Any  # MpiBackend over the leaders (None on other ranks)
     topology: Topology
     topo_hash: int
-    plans: dict[int, _Plan] = field(default_factory=dict)
+    plans: dict[int, _state.RoundPlan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     seq: int = 0
     check: bool = True  # cross-rank header checks (DECOMM_CHECK)
 
 
-_state: _Hier | None = None
+_hier: _Hier | None = None
 _atexit_registered = False
 
 
@@ -123,10 +114,6 @@ def _check_local_size(local_size: Any) -> int:
     return int(local_size)
 
 
-def _hash64(topo: Topology) -> int:
-    return int(topo.fingerprint()[:15], 16)
-
-
 def init_machines(local_size: int | None = None) -> None:
     """Group the ranks into machines and build the sub-communicators (collective).
 
@@ -134,8 +121,8 @@ def init_machines(local_size: int | None = None) -> None:
     ``DECOMM_LOCAL_SIZE`` or, without it, the shared-memory nodes. Calling it again
     regroups (and resets the machine topology to ``ExponentialGraph``).
     """
-    global _state, _atexit_registered
-    rt = runtime._require()
+    global _hier, _atexit_registered
+    rt = _state.require()
     if local_size is not None:
         local_size = _check_local_size(local_size)
     else:
@@ -160,21 +147,21 @@ def init_machines(local_size: int | None = None) -> None:
         grouping = "shared-memory nodes"
         requested = 0
     # Every rank must group the same way: compare (requested L, machine id) tables.
-    table = rt.backend.allgather(torch.tensor([[requested, machine]], dtype=torch.int64),
-                                 "decomm.hierarchical.grouping")
-    req = [int(v) for v in table[:, 0].tolist()]
-    differ = [r for r in range(size) if req[r] != req[0]]
+    table = _agree.gather_rows(rt.backend.allgather, [requested, machine],
+                               "decomm.hierarchical.grouping")
+    req = [row[0] for row in table]
+    differ = _agree.differing_ranks(table, columns=[0])
     if differ:
         raise DecommError(
             f"init_machines on rank {rank}: ranks {differ} group ranks into machines "
             f"differently from rank 0 (local_size {req[0] or 'shared-memory'} on rank 0, "
             f"{req[rank] or 'shared-memory'} here); set DECOMM_LOCAL_SIZE / local_size "
             "the same on every rank")
-    machine_of = [int(v) for v in table[:, 1].tolist()]
+    machine_of = [row[1] for row in table]
     machines = max(machine_of) + 1
     members = [r for r in range(size) if machine_of[r] == machine]
     lrank = members.index(rank)
-    timeout = runtime.get_timeout()
+    timeout = float(rt.backend.timeout)
     check = os.environ.get("DECOMM_CHECK", "1") != "0"
     local = world.Split(color=machine, key=rank)
     leaders_comm = world.Split(color=0 if lrank == 0 else MPI.UNDEFINED, key=rank)
@@ -191,10 +178,10 @@ def init_machines(local_size: int | None = None) -> None:
         if leaders_comm != MPI.COMM_NULL:
             leaders_comm.Free()
     topo = ExponentialGraph(machines)
-    _state = _Hier(owner=rt, rank=rank, size=size, machine=machine, machines=machines,
+    _hier = _Hier(owner=rt, rank=rank, size=size, machine=machine, machines=machines,
                    local_rank=lrank, local_size=len(members), machine_of=machine_of,
                    grouping=grouping, local_be=local_be, leaders_be=leaders_be,
-                   topology=topo, topo_hash=_hash64(topo), check=check)
+                   topology=topo, topo_hash=_agree.topology_digest(topo), check=check)
     timeline.register_backend(local_be)
     timeline.register_backend(leaders_be)
     if not _atexit_registered:
@@ -204,16 +191,13 @@ def init_machines(local_size: int | None = None) -> None:
 
 def _backend(_C: Any, comm: Any, timeout: float, check: bool) -> Any:
     """A C++ backend on ``comm`` (it duplicates it); blocking ops only: no progress thread."""
-    try:
-        return _C.MpiBackend(comm.py2f(), float(timeout), bool(check), False)
-    except TypeError:  # a core built before the progress_thread argument
-        return _C.MpiBackend(comm.py2f(), float(timeout), bool(check))
+    return _C.MpiBackend(comm.py2f(), float(timeout), bool(check), False)
 
 
 def shutdown_machines() -> None:
     """Close the sub-communicators' backends (also done at exit). Safe to call twice."""
-    global _state
-    st, _state = _state, None
+    global _hier
+    st, _hier = _hier, None
     if st is None:
         return
     for be in (st.leaders_be, st.local_be):
@@ -225,11 +209,11 @@ def shutdown_machines() -> None:
 
 
 def _require() -> _Hier:
-    rt = runtime._require()
-    st = _state
+    rt = _state.require()
+    st = _hier
     if st is None or st.owner is not rt:
         init_machines()
-        st = _state
+        st = _hier
     assert st is not None
     return st
 
@@ -245,12 +229,17 @@ def machine_size() -> int:
     return _require().machines
 
 
-def local_rank() -> int:
-    """Rank inside this machine under the hierarchical grouping (0 = the machine leader)."""
+def machine_local_rank() -> int:
+    """Rank inside this machine under the hierarchical grouping (0 = the machine leader).
+
+    Not :func:`decomm.local_rank`, which is the rank on the shared-memory node: the two
+    differ when ``DECOMM_LOCAL_SIZE`` / ``init_machines(local_size=...)`` groups ranks
+    otherwise than the hardware does.
+    """
     return _require().local_rank
 
 
-def local_size() -> int:
+def machine_local_size() -> int:
     """Number of ranks in this machine under the hierarchical grouping."""
     return _require().local_size
 
@@ -260,10 +249,8 @@ def machine_of(rank: int | None = None) -> int:
     st = _require()
     if rank is None:
         return st.machine
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) \
-            or not 0 <= int(rank) < st.size:
-        raise ValueError(f"rank must be an int in [0, {st.size}), got {rank!r}")
-    return st.machine_of[int(rank)]
+    return st.machine_of[_checks.check_id(rank, "rank", st.size,
+                                          _checks.where("machine_of", None, st.rank))]
 
 
 def get_machine_topology() -> Topology:
@@ -298,11 +285,10 @@ def set_machine_topology(topology: Any) -> None:
                          "decomm.hierarchical.machine_size() nodes")
     if topo.rounds is not None and not topo.is_row_stochastic(max(1e-9, topo.stochastic_tol)):
         raise ValueError(f"{topo.name}: every round must be row-stochastic")
-    digest = _hash64(topo)
-    rt = runtime._require()
-    table = rt.backend.allgather(torch.tensor([[digest]], dtype=torch.int64),
-                                 "decomm.hierarchical.set_machine_topology")
-    differ = [r for r in range(st.size) if int(table[r, 0]) != int(table[0, 0])]
+    digest = _agree.topology_digest(topo)
+    table = _agree.gather_rows(_state.require().backend.allgather, [digest],
+                               "decomm.hierarchical.set_machine_topology")
+    differ = _agree.differing_ranks(table)
     if differ:
         raise DecommError(
             f"set_machine_topology on rank {st.rank}: ranks {differ} set a different machine "
@@ -317,96 +303,57 @@ def machine_in_neighbors(machine: int | None = None) -> list[int]:
     """In-neighbour machines of ``machine`` (default: this one) in the current round."""
     st = _require()
     m = st.machine if machine is None else _check_machine(machine, st, "machine")
-    return st.topology.in_neighbors(m, runtime.current_round())
+    return st.topology.in_neighbors(m, _state.require().round)
 
 
 def machine_out_neighbors(machine: int | None = None) -> list[int]:
     """Out-neighbour machines of ``machine`` (default: this one) in the current round."""
     st = _require()
     m = st.machine if machine is None else _check_machine(machine, st, "machine")
-    return st.topology.out_neighbors(m, runtime.current_round())
+    return st.topology.out_neighbors(m, _state.require().round)
 
 
 def _check_machine(m: Any, st: _Hier, what: str) -> int:
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
-        raise TypeError(f"{what} must be an int machine id, got {m!r}")
-    if not 0 <= int(m) < st.machines:
-        raise ValueError(f"{what}={m} is out of range for {st.machines} machines")
-    return int(m)
+    return _checks.check_id(m, what, st.machines, _checks.where(_OP, None, st.rank), "machine")
 
 
-# ------------------------------------------------------------------- weights
-def _weight(w: Any, what: str, name: str, st: _Hier) -> float:
-    if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{_OP} '{name}' on rank {st.rank}: {what} must be a number, got {w!r}")
-    w = float(w)
-    if not math.isfinite(w) or w < 0:
-        raise ValueError(f"{_OP} '{name}' on rank {st.rank}: {what} = {w} must be finite and "
-                         "non-negative")
-    return w
-
-
-def _machine_map(obj: Any, what: str, name: str, st: _Hier) -> dict[int, float]:
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"{_OP} '{name}': {what} must be a dict {{machine: weight}}, "
-                        f"got {type(obj).__name__}")
-    out: dict[int, float] = {}
-    for m, w in obj.items():
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
-            raise TypeError(f"{_OP} '{name}' on rank {st.rank}: {what} key {m!r} is not a "
-                            "machine id")
-        m = int(m)
-        if not 0 <= m < st.machines:
-            raise ValueError(f"{_OP} '{name}' on rank {st.rank}: {what} names machine {m}, out "
-                             f"of range for {st.machines} machines")
-        if m == st.machine:
-            raise ValueError(f"{_OP} '{name}' on rank {st.rank}: {what} names this rank's own "
-                             f"machine {m} (give its weight as self_weight)")
-        out[m] = _weight(w, f"{what}[{m}]", name, st)
-    return out
-
-
-def _plan(st: _Hier, t: int) -> _Plan:
-    key = st.topology.round_index(t)
-    plan = st.plans.get(key)
-    if plan is None:
-        self_w, inw = st.topology.weights(st.machine, t)
-        src = sorted(inw)
-        plan = _Plan(self_w, src, [inw[j] for j in src],
-                     st.topology.out_neighbors(st.machine, t))
-        if st.topology.rounds is None and len(st.plans) > 64:
-            st.plans.clear()
-        st.plans[key] = plan
-    return plan
+def _plan(st: _Hier, t: int) -> _state.RoundPlan:
+    return _state.plan_for(st.topology, st.machine, t, st.plans)
 
 
 def _resolve(st: _Hier, self_weight: Any, src_w: Any, dst_w: Any, name: str, t: int):
     plan = _plan(st, t)
+    at = _checks.where(_OP, name, st.rank)
+
+    def machines(obj: Any, what: str) -> dict[int, float]:
+        return _checks.weight_map(obj, what, at, me=st.machine, size=st.machines,
+                                  unit="machine")
+
     if dst_w is None:
         if (self_weight is None) != (src_w is None):
-            raise ValueError(f"{_OP} '{name}' on rank {st.rank}: give self_weight and "
-                             "src_machine_weights together (or neither, to use the machine "
-                             "topology's weights)")
-        ones = [1.0] * len(plan.dst)
+            raise ValueError(f"{at}: give self_weight and src_machine_weights together (or "
+                             "neither, to use the machine topology's weights)")
+        ones = [1.0] * len(plan.dst_ranks)
         if self_weight is None:
-            return plan.self_weight, plan.src, plan.src_w, plan.dst, ones
-        sw = _weight(self_weight, "self_weight", name, st)
-        given = _machine_map(src_w, "src_machine_weights", name, st)
-        extra = sorted(set(given) - set(plan.src))
+            return plan.self_weight, plan.src_ranks, plan.src_weights, plan.dst_ranks, ones
+        sw = _checks.check_weight(self_weight, "self_weight", at)
+        given = machines(src_w, "src_machine_weights")
+        extra = sorted(set(given) - set(plan.src_ranks))
         if extra:
             raise ValueError(
-                f"{_OP} '{name}' on rank {st.rank}: src_machine_weights names machine(s) "
-                f"{extra}, which are not in-neighbours of machine {st.machine} in round {t} of "
-                f"{st.topology.name} (in-neighbours: {plan.src}); pass dst_machine_weights too "
-                "to use a different machine graph for one call")
-        return sw, plan.src, [given.get(j, 0.0) for j in plan.src], plan.dst, ones
+                f"{at}: src_machine_weights names machine(s) {extra}, which are not "
+                f"in-neighbours of machine {st.machine} in round {t} of {st.topology.name} "
+                f"(in-neighbours: {plan.src_ranks}); pass dst_machine_weights too to use a "
+                "different machine graph for one call")
+        return (sw, plan.src_ranks, [given.get(j, 0.0) for j in plan.src_ranks],
+                plan.dst_ranks, ones)
     if self_weight is None or src_w is None:
-        raise ValueError(f"{_OP} '{name}' on rank {st.rank}: with dst_machine_weights, also "
-                         "give self_weight and src_machine_weights (together they define this "
-                         "call's machine graph)")
-    sw = _weight(self_weight, "self_weight", name, st)
-    src = _machine_map(src_w, "src_machine_weights", name, st)
-    dst = _machine_map(dst_w, "dst_machine_weights", name, st)
+        raise ValueError(f"{at}: with dst_machine_weights, also give self_weight and "
+                         "src_machine_weights (together they define this call's machine "
+                         "graph)")
+    sw = _checks.check_weight(self_weight, "self_weight", at)
+    src = machines(src_w, "src_machine_weights")
+    dst = machines(dst_w, "dst_machine_weights")
     sr, dr = sorted(src), sorted(dst)
     return sw, sr, [src[j] for j in sr], dr, [dst[j] for j in dr]
 
@@ -450,7 +397,7 @@ def _hierarchical(tensor: Any, self_weight: Any, src_machine_weights: Any,
         if t.dtype not in _FLOATS:
             raise TypeError(f"{_OP} '{name}' on rank {st.rank}: dtype {t.dtype} is not "
                             "supported; use float16, bfloat16, float32 or float64")
-        rnd = runtime.current_round()
+        rnd = _state.require().round
         sw, src, srcw, dst, dstw = _resolve(st, self_weight, src_machine_weights,
                                             dst_machine_weights, name, rnd)
         # Half precision is summed in float32 (MPI has no float16 sum; also more exact).

@@ -27,16 +27,15 @@ is bitwise identical on every run.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import cuda_ops, interop, runtime, timeline
+from . import _checks, _state, cuda_ops, interop, timeline
 from .errors import DecommError
 
 __all__ = [
@@ -75,6 +74,8 @@ class Handle:
         self._keep = keep  # tensors the C++ side reads or writes until completion
         self._result: Any = None
         self._done = False
+        #: ``around(wait)``: runs the wait (the timeline and the profiler time it here)
+        self.on_wait: Callable[[Callable[[], Any]], Any] | None = None
 
     def poll(self) -> bool:
         """True once the op has completed (successfully or not); never blocks."""
@@ -82,6 +83,11 @@ class Handle:
 
     def wait(self) -> Any:
         """Block until done and return the result; raises DecommError if the op failed."""
+        if self.on_wait is not None:
+            return self.on_wait(self._wait)
+        return self._wait()
+
+    def _wait(self) -> Any:
         if not self._done:
             out = self._c.wait()
             self._result = self._finish(out)
@@ -135,7 +141,7 @@ def _check_inplace(obj: Any, op: str, name: str) -> None:
     if isinstance(obj, torch.Tensor) and obj.requires_grad and torch.is_grad_enabled():
         kind = "a leaf tensor" if obj.is_leaf else "a tensor"
         raise RuntimeError(
-            f"{op} '{name}' on rank {runtime.rank()}: in-place op on {kind} that requires "
+            f"{op} '{name}' on rank {_state.require().rank}: in-place op on {kind} that requires "
             "grad; decomm ops record no autograd history, so call it under torch.no_grad() "
             "(as optimizer steps do) or use the out-of-place op")
 
@@ -150,7 +156,7 @@ def _to_torch(obj: Any, op: str, name: str) -> tuple[torch.Tensor, Any]:
     """(torch view of obj (CPU or CUDA), function turning a torch result back into obj's type)."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        cuda_ops.check_device(t, op, name)
+        cuda_ops.check_device(t, _checks.where(op, name, _state.require().rank))
         return t, lambda r: r
     if isinstance(obj, np.ndarray):
         if obj.dtype == np.float16 or obj.dtype.kind in "fiub":
@@ -178,74 +184,45 @@ def _nonfinite_report(t: torch.Tensor, op: str, name: str, state: Any, rnd: int)
 
 def _check_float(t: torch.Tensor, op: str, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op} '{name}' on rank {runtime.rank()}: dtype {t.dtype} is not "
+        raise TypeError(f"{op} '{name}' on rank {_state.require().rank}: dtype {t.dtype} is not "
                         "supported; use float16, bfloat16, float32 or float64")
-
-
-def _check_weight(w: Any, what: str, op: str, name: str, rank: int) -> float:
-    if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{op} '{name}' on rank {rank}: {what} must be a number, got {w!r}")
-    w = float(w)
-    if not math.isfinite(w) or w < 0:
-        raise ValueError(f"{op} '{name}' on rank {rank}: {what} = {w} must be finite and "
-                         "non-negative")
-    return w
-
-
-def _weight_map(obj: Any, what: str, op: str, name: str, state: Any) -> dict[int, float]:
-    """Validate a {rank: weight} mapping (or an iterable of ranks, each weight 1)."""
-    if isinstance(obj, Mapping):
-        items = list(obj.items())
-    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
-        items = [(r, 1.0) for r in obj]
-    else:
-        raise TypeError(f"{op} '{name}': {what} must be a dict {{rank: weight}}, "
-                        f"got {type(obj).__name__}")
-    out: dict[int, float] = {}
-    for r, w in items:
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-            raise TypeError(f"{op} '{name}' on rank {state.rank}: {what} key {r!r} is not a rank")
-        r = int(r)
-        if not 0 <= r < state.size:
-            raise ValueError(f"{op} '{name}' on rank {state.rank}: {what} names rank {r}, out of "
-                             f"range for {state.size} ranks")
-        if r == state.rank:
-            raise ValueError(f"{op} '{name}' on rank {state.rank}: {what} names this rank itself "
-                             "(give its weight as self_weight)")
-        out[r] = _check_weight(w, f"{what}[{r}]", op, name, state.rank)
-    return out
 
 
 def _resolve(self_weight: Any, src_weights: Any, dst_weights: Any, name: str,
              op: str = "neighbor_allreduce") -> tuple[float, list[int], list[float], list[int],
                                                        list[float], int]:
     """(self weight, src ranks, src weights, dst ranks, dst weights, round) for this call."""
-    state = runtime._require()
-    plan, t = runtime._plan(state)
+    state = _state.require()
+    plan, t = state.plan()
+    at = _checks.where(op, name, state.rank)
+
+    def weights(obj: Any, what: str) -> dict[int, float]:
+        return _checks.weight_map(obj, what, at, me=state.rank, size=state.size)
+
     if dst_weights is None:
         if (self_weight is None) != (src_weights is None):
-            raise ValueError(f"{op} '{name}' on rank {state.rank}: give self_weight and "
-                             "src_weights together (or neither, to use the topology's weights)")
+            raise ValueError(f"{at}: give self_weight and src_weights together (or neither, "
+                             "to use the topology's weights)")
         dst = plan.dst_ranks
         dst_w = [1.0] * len(dst)
         if self_weight is None:
             return plan.self_weight, plan.src_ranks, plan.src_weights, dst, dst_w, t
-        sw = _check_weight(self_weight, "self_weight", op, name, state.rank)
-        given = _weight_map(src_weights, "src_weights", op, name, state)
+        sw = _checks.check_weight(self_weight, "self_weight", at)
+        given = weights(src_weights, "src_weights")
         extra = sorted(set(given) - set(plan.src_ranks))
         if extra:
             raise ValueError(
-                f"{op} '{name}' on rank {state.rank}: src_weights names rank(s) {extra}, which "
+                f"{at}: src_weights names rank(s) {extra}, which "
                 f"are not in-neighbours in round {t} of {state.topology.name} (in-neighbours: "
                 f"{plan.src_ranks}); pass dst_weights too to use a different graph for one call")
         # Every in-neighbour sends regardless, so receive from all; unnamed ones weigh 0.
         return sw, plan.src_ranks, [given.get(j, 0.0) for j in plan.src_ranks], dst, dst_w, t
     if self_weight is None or src_weights is None:
-        raise ValueError(f"{op} '{name}' on rank {state.rank}: with dst_weights, also give "
-                         "self_weight and src_weights (together they define this call's graph)")
-    sw = _check_weight(self_weight, "self_weight", op, name, state.rank)
-    src = _weight_map(src_weights, "src_weights", op, name, state)
-    dst = _weight_map(dst_weights, "dst_weights", op, name, state)
+        raise ValueError(f"{at}: with dst_weights, also give self_weight and src_weights "
+                         "(together they define this call's graph)")
+    sw = _checks.check_weight(self_weight, "self_weight", at)
+    src = weights(src_weights, "src_weights")
+    dst = weights(dst_weights, "dst_weights")
     src_r = sorted(src)
     dst_r = sorted(dst)
     return sw, src_r, [src[j] for j in src_r], dst_r, [dst[j] for j in dst_r], t
@@ -256,7 +233,7 @@ def _resolve(self_weight: Any, src_weights: Any, dst_weights: Any, name: str,
 def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_weights: Any,
                         name: Any, inplace: bool, nonblocking: bool) -> Any:
     name = _name(name, "neighbor_allreduce")
-    state = runtime._require()
+    state = _state.require()
     if inplace:
         _check_inplace(tensor, "neighbor_allreduce", name)
     t, back = _to_torch(tensor, "neighbor_allreduce", name)
@@ -348,7 +325,7 @@ def neighbor_allreduce_nonblocking_(tensor: Any, *, self_weight: float | None = 
 @timeline.traced("allreduce")
 def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking: bool) -> Any:
     name = _name(name, "allreduce")
-    state = runtime._require()
+    state = _state.require()
     if inplace:
         _check_inplace(tensor, "allreduce", name)
     t, back = _to_torch(tensor, "allreduce", name)
@@ -412,13 +389,8 @@ def allreduce_nonblocking_(tensor: Any, *, average: bool = True,
 
 # ------------------------------------------------------------------ broadcast
 def _check_root(root: Any, op: str, name: str) -> int:
-    state = runtime._require()
-    if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
-        raise TypeError(f"{op} '{name}': root must be an int rank, got {root!r}")
-    if not 0 <= int(root) < state.size:
-        raise ValueError(f"{op} '{name}' on rank {state.rank}: root={root} is out of range for "
-                         f"{state.size} ranks")
-    return int(root)
+    state = _state.require()
+    return _checks.check_id(root, "root", state.size, _checks.where(op, name, state.rank))
 
 
 @timeline.traced("broadcast")
@@ -432,7 +404,7 @@ def broadcast_(tensor: Any, root: int, *, name: str | None = None) -> Any:
     _check_inplace(tensor, "broadcast", name)
     t, _ = _to_torch(tensor, "broadcast", name)
     x = t if t.is_contiguous() else t.contiguous()
-    cuda_ops.backend_for(runtime._require(), x, "broadcast").broadcast(x, root, name)
+    cuda_ops.backend_for(_state.require(), x, "broadcast").broadcast(x, root, name)
     if x.data_ptr() != t.data_ptr():
         t.copy_(x)
     _bump_version(tensor)
@@ -446,7 +418,7 @@ def broadcast(tensor: Any, root: int, *, name: str | None = None) -> Any:
     root = _check_root(root, "broadcast", name)
     t, back = _to_torch(tensor, "broadcast", name)
     out = t.clone(memory_format=torch.contiguous_format)
-    cuda_ops.backend_for(runtime._require(), out, "broadcast").broadcast(out, root, name)
+    cuda_ops.backend_for(_state.require(), out, "broadcast").broadcast(out, root, name)
     return back(out)
 
 
@@ -482,7 +454,7 @@ def broadcast_parameters(params: Any, root: int = 0) -> None:
             group = by_dtype[(dtype, device_type)]
             flat = torch.cat([v.detach().reshape(-1) for _, v in group]) if group else None
             label = f"broadcast_parameters.{str(dtype).replace('torch.', '')}.{len(group)}"
-            be = cuda_ops.backend_for(runtime._require(), flat, "broadcast")
+            be = cuda_ops.backend_for(_state.require(), flat, "broadcast")
             be.broadcast(flat, root, label)
             offset = 0
             for _, v in group:
@@ -502,7 +474,7 @@ def allgather(tensor: Any, *, name: str | None = None) -> Any:
     name = _name(name, "allgather")
     t, back = _to_torch(tensor, "allgather", name)
     x = t.reshape(1) if t.dim() == 0 else (t if t.is_contiguous() else t.contiguous())
-    return back(cuda_ops.backend_for(runtime._require(), x, "allgather").allgather(x, name))
+    return back(cuda_ops.backend_for(_state.require(), x, "allgather").allgather(x, name))
 
 
 @timeline.traced("neighbor_allgather")
@@ -513,10 +485,10 @@ def neighbor_allgather(tensor: Any, *, name: str | None = None) -> Any:
     in-neighbours the result has first dimension 0.
     """
     name = _name(name, "neighbor_allgather")
-    state = runtime._require()
+    state = _state.require()
     t, back = _to_torch(tensor, "neighbor_allgather", name)
     x = t.reshape(1) if t.dim() == 0 else (t if t.is_contiguous() else t.contiguous())
-    plan, rnd = runtime._plan(state)
+    plan, rnd = state.plan()
     be = cuda_ops.backend_for(state, x, "neighbor_allgather")
     return back(be.neighbor_allgather(x, plan.src_ranks, plan.dst_ranks, name, rnd,
                                       state.topo_hash))
@@ -525,4 +497,4 @@ def neighbor_allgather(tensor: Any, *, name: str | None = None) -> Any:
 @timeline.traced("barrier")
 def barrier() -> None:
     """Wait until every rank has called barrier() (bounded by the timeout)."""
-    runtime._require().backend.barrier()
+    _state.require().backend.barrier()

@@ -13,10 +13,10 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import threading
-from dataclasses import dataclass, field
 from typing import Any
 
+from . import _agree, _checks, _state, cuda_ops, timeline
+from . import backends as _backends
 from .errors import DecommError
 from .topology import ExponentialGraph, Topology
 
@@ -43,43 +43,6 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
-
-
-@dataclass
-class _RoundPlan:
-    """This rank's part of one round: who it receives from / sends to, with weights."""
-
-    self_weight: float
-    src_ranks: list[int]
-    src_weights: list[float]
-    dst_ranks: list[int]
-
-
-@dataclass
-class _State:
-    comm: Any  # mpi4py.MPI.Comm
-    backend: Any  # decomm._C.MpiBackend
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-    topology: Topology
-    topo_hash: int
-    round: int = 0
-    check_finite: bool = False
-    init_args: dict[str, Any] = field(default_factory=dict)
-    excepthook: Any = None  # the hook init() installed, removed again by shutdown()
-    plans: dict[int, _RoundPlan] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_state: _State | None = None
-
-
-def _require() -> _State:
-    if _state is None:
-        raise DecommError("decomm is not initialized: call decomm.init() first")
-    return _state
 
 
 def _env_float(name: str, default: float) -> float:
@@ -119,23 +82,22 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     again with the same arguments does nothing; with different ones it raises (call
     :func:`shutdown` first to start over with other settings).
     """
-    global _state
     if backend not in ("auto", "mpi", "nccl"):
         raise ValueError(f"backend must be 'auto', 'mpi' or 'nccl', got {backend!r}")
     asked = {"backend": backend, "timeout": timeout, "check": check, "comm": comm,
              "abort_on_error": abort_on_error}
-    if _state is not None:
-        differ = [f"{k}={asked[k]!r} (in force: {_state.init_args[k]!r})" for k in asked
-                  if asked[k] is not None and k != "backend" and asked[k] != _state.init_args[k]]
-        if backend != _state.init_args["backend"]:
-            differ.insert(0, f"backend={backend!r} (in force: {_state.init_args['backend']!r})")
+    current = _state.get()
+    if current is not None:
+        differ = [f"{k}={asked[k]!r} (in force: {current.init_args[k]!r})" for k in asked
+                  if asked[k] is not None and k != "backend" and asked[k] != current.init_args[k]]
+        if backend != current.init_args["backend"]:
+            differ.insert(0, f"backend={backend!r} (in force: {current.init_args['backend']!r})")
         if differ:
-            raise DecommError(f"decomm.init() on rank {_state.rank}: already initialized with "
+            raise DecommError(f"decomm.init() on rank {current.rank}: already initialized with "
                               f"other settings: {', '.join(differ)}; call decomm.shutdown() "
                               "first to start again with new ones")
         return
     from . import _C
-    from . import backends as _backends
 
     if backend == "nccl" and not _backends.nccl_available():
         raise DecommError("backend='nccl' requested, but this decomm build has no NCCL "
@@ -160,24 +122,24 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     progress = spare_core if raw == "" else raw != "0"
     be = _C.MpiBackend(world.py2f(), float(timeout), bool(check), progress)
     topo = ExponentialGraph(world.Get_size())
-    _state = _State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),
-                    local_rank=local.Get_rank(), local_size=local.Get_size(),
-                    topology=topo, topo_hash=_hash64(topo))
-    _state.check_finite = os.environ.get("DECOMM_CHECK_FINITE", "0") not in ("", "0")
-    _state.init_args = dict(asked, timeout=float(timeout), check=bool(check), comm=comm)
+    state = _state.State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),
+                         local_rank=local.Get_rank(), local_size=local.Get_size(),
+                         topology=topo, topo_hash=_agree.topology_digest(topo))
+    state.check_finite = os.environ.get("DECOMM_CHECK_FINITE", "0") not in ("", "0")
+    state.init_args = dict(asked, timeout=float(timeout), check=bool(check), comm=comm)
     local.Free()
-    from . import cuda_ops
-
+    _state.install(state)
+    timeline.attach(state.rank, be)
     try:  # collective: how CUDA tensors travel (NCCL, or MPI via pinned host memory)
-        cuda_ops.setup(_state, backend, check=check)
+        cuda_ops.setup(state, backend, check=check)
     except BaseException:
         shutdown()
         raise
     # A rank that leaves normally (end of script, sys.exit, shutdown()) tells its
     # peers from shutdown(), so a rank still waiting on it raises at once.
     atexit.register(shutdown)
-    if abort_on_error and _state.size > 1:
-        _state.excepthook = _install_abort_hook(world)
+    if abort_on_error and state.size > 1:
+        state.excepthook = _install_abort_hook(world)
 
 
 def _quiet_osc_ucx() -> None:
@@ -216,49 +178,39 @@ def _install_abort_hook(world: Any) -> Any:
 
 def shutdown() -> None:
     """Stop the backend (pending handles fail). Safe to call twice; init() may follow."""
-    global _state
-    if _state is None:
+    state = _state.clear()
+    if state is None:
         return
-    state, _state = _state, None
     if state.excepthook is not None and sys.excepthook is state.excepthook:
         sys.excepthook = state.excepthook.previous
-    from . import timeline
-
-    if timeline.enabled:
-        timeline.flush()
-    from . import cuda_ops
-
+    timeline.detach()
     cuda_ops.teardown(state)
     state.backend.close()
 
 
 def is_initialized() -> bool:
     """True between :func:`init` and :func:`shutdown`."""
-    return _state is not None
+    return _state.get() is not None
 
 
 def rank() -> int:
     """This process's rank in ``[0, size())``."""
-    return _require().rank
+    return _state.require().rank
 
 
 def size() -> int:
     """Number of ranks (nodes of the topology)."""
-    return _require().size
+    return _state.require().size
 
 
 def local_rank() -> int:
     """Rank among the processes on this machine (shared-memory node)."""
-    return _require().local_rank
+    return _state.require().local_rank
 
 
 def local_size() -> int:
     """Number of processes on this machine."""
-    return _require().local_size
-
-
-def _hash64(topo: Topology) -> int:
-    return int(topo.fingerprint()[:15], 16)
+    return _state.require().local_size
 
 
 def _as_topology(obj: Any) -> Topology:
@@ -281,7 +233,7 @@ def set_topology(topology: Any, *, start_round: int = 0) -> None:
     topology's fingerprint (one small allgather) and raise :class:`DecommError` naming
     the ranks that differ, instead of hanging later.
     """
-    state = _require()
+    state = _state.require()
     topo = _as_topology(topology)
     if topo.n != state.size:
         raise ValueError(f"the topology has n={topo.n} nodes but decomm.size() is {state.size}; "
@@ -291,7 +243,7 @@ def set_topology(topology: Any, *, start_round: int = 0) -> None:
     # float32 input rows sum to 1 within a few ulps: the tolerance follows its dtype
     if topo.rounds is not None and not topo.is_row_stochastic(max(1e-9, topo.stochastic_tol)):
         raise ValueError(f"{topo.name}: every round must be row-stochastic")
-    digest = _hash64(topo)
+    digest = _agree.topology_digest(topo)
     _check_same_everywhere(state, digest, start_round, topo)
     with state.lock:
         state.topology = topo
@@ -300,13 +252,10 @@ def set_topology(topology: Any, *, start_round: int = 0) -> None:
         state.plans = {}
 
 
-def _check_same_everywhere(state: _State, digest: int, start_round: int, topo: Topology) -> None:
-    import torch
-
-    mine = torch.tensor([[digest, start_round]], dtype=torch.int64)
-    table = state.backend.allgather(mine, "set_topology")
-    differ = [r for r in range(state.size)
-              if int(table[r, 0]) != int(table[0, 0]) or int(table[r, 1]) != int(table[0, 1])]
+def _check_same_everywhere(state: _state.State, digest: int, start_round: int,
+                           topo: Topology) -> None:
+    table = _agree.gather_rows(state.backend.allgather, [digest, start_round], "set_topology")
+    differ = _agree.differing_ranks(table)
     if differ:
         raise DecommError(
             f"set_topology on rank {state.rank}: ranks {differ} set a different schedule or "
@@ -316,19 +265,19 @@ def _check_same_everywhere(state: _State, digest: int, start_round: int, topo: T
 
 def get_topology() -> Topology:
     """The topology in force."""
-    return _require().topology
+    return _state.require().topology
 
 
 def current_round() -> int:
     """The round number neighbour ops use now (the topology applies it modulo its length)."""
-    return _require().round
+    return _state.require().round
 
 
 def advance_round(steps: int = 1) -> int:
     """Move the round counter forward by ``steps``; returns the new round."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    state = _require()
+    state = _state.require()
     with state.lock:
         state.round += steps
         return state.round
@@ -338,70 +287,48 @@ def set_round(round_: int) -> None:
     """Set the round counter (used when resuming from a checkpoint)."""
     if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
         raise ValueError(f"round must be a non-negative int, got {round_!r}")
-    state = _require()
+    state = _state.require()
     with state.lock:
         state.round = round_
 
 
-def _plan(state: _State) -> tuple[_RoundPlan, int]:
-    """This rank's plan for the current round (cached per distinct round)."""
-    topo = state.topology
-    t = state.round
-    key = topo.round_index(t)
-    plan = state.plans.get(key)
-    if plan is None:
-        self_w, inw = topo.weights(state.rank, t)
-        src = sorted(inw)
-        plan = _RoundPlan(self_w, src, [inw[j] for j in src], topo.out_neighbors(state.rank, t))
-        if topo.rounds is None and len(state.plans) > 64:
-            state.plans.clear()
-        state.plans[key] = plan
-    return plan, t
-
-
 def in_neighbors(rank: int | None = None) -> list[int]:
     """In-neighbours (ranks whose values ``rank`` averages in) of the current round."""
-    state = _require()
-    r = state.rank if rank is None else _check_rank(rank, state, "rank")
+    state = _state.require()
+    r = state.rank if rank is None else _checks.check_id(rank, "rank", state.size,
+                                                          "in_neighbors")
     return state.topology.in_neighbors(r, state.round)
 
 
 def out_neighbors(rank: int | None = None) -> list[int]:
     """Out-neighbours (ranks that receive ``rank``'s value) of the current round."""
-    state = _require()
-    r = state.rank if rank is None else _check_rank(rank, state, "rank")
+    state = _state.require()
+    r = state.rank if rank is None else _checks.check_id(rank, "rank", state.size,
+                                                          "out_neighbors")
     return state.topology.out_neighbors(r, state.round)
-
-
-def _check_rank(r: Any, state: _State, what: str) -> int:
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"{what} must be an int rank, got {r!r}")
-    if not 0 <= r < state.size:
-        raise ValueError(f"{what}={r} is out of range for {state.size} ranks")
-    return r
 
 
 def set_timeout(seconds: float) -> None:
     """Change how long a call waits for missing neighbours before raising."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"timeout must be positive seconds, got {seconds!r}")
-    _require().backend.timeout = float(seconds)
+    _state.require().backend.timeout = float(seconds)
 
 
 def get_timeout() -> float:
     """Seconds a call waits for missing neighbours before raising DecommError."""
-    return float(_require().backend.timeout)
+    return float(_state.require().backend.timeout)
 
 
 def stats() -> dict[str, int]:
     """Bytes this rank has sent and received through decomm since init or reset_stats()."""
-    be = _require().backend
+    be = _state.require().backend
     return {"bytes_sent": int(be.bytes_sent), "bytes_received": int(be.bytes_received)}
 
 
 def reset_stats() -> None:
     """Zero the counters that :func:`stats` reports."""
-    _require().backend.reset_counters()
+    _state.require().backend.reset_counters()
 
 
 def mpi_library_version() -> str:

@@ -52,7 +52,6 @@ import functools
 import inspect
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -85,15 +84,15 @@ _prefix: str | None = None
 _events: list[tuple] = []
 _dropped = 0
 _lock = threading.Lock()
-_rank: int | None = None
-_armed_runtime_backend: Any = None  # the runtime backend whose C++ timestamps are on
+_rank: int | None = None  # given by attach() (decomm.init)
+_attached: Any = None  # the runtime's backend, whose C++ timestamps follow the timeline
 _backends: list[Any] = []  # other backends (hierarchical, ...) to switch with the timeline
 _tids: dict[int, int] = {}
 _tid_names: dict[int, str] = {}
 _lanes_busy: set[int] = set()
 _atexit_registered = False
 _from_env = False  # started by DECOMM_TIMELINE at import, not by a call to start()
-_joined = False  # this process has seen an initialised decomm runtime (or wrote a file)
+_joined = False  # this process called decomm.init() (or wrote its file)
 _local = threading.local()
 
 _now = time.monotonic_ns  # CLOCK_MONOTONIC, the clock of the C++ steady_clock
@@ -188,6 +187,25 @@ def flush() -> str | None:
     return out
 
 
+def attach(rank: int, backend: Any) -> None:
+    """From :func:`decomm.init`: this process's rank, and the backend whose C++
+    timestamps follow the timeline. (The runtime hands them over, so the timeline never
+    looks the runtime up.)"""
+    global _rank, _attached, _joined
+    _rank, _attached, _joined = int(rank), backend, True
+    if enabled:
+        with contextlib.suppress(Exception):
+            backend.timeline = True
+
+
+def detach() -> None:
+    """From :func:`decomm.shutdown`: write the file if recording, forget the backend."""
+    global _attached
+    if enabled:
+        flush()
+    _attached = None
+
+
 def register_backend(backend: Any) -> None:
     """Switch ``backend``'s C++ timestamps with the timeline (used for sub-communicators)."""
     if backend is None:
@@ -201,7 +219,7 @@ def register_backend(backend: Any) -> None:
 def _at_exit() -> None:
     if not enabled or _prefix is None:
         return
-    if _from_env and not (_joined or _runtime_initialized()):
+    if _from_env and not _joined:
         # DECOMM_TIMELINE reached a process that never joined the job (decomm-run, a
         # helper script): it has no trace, and its "rank" (0 by default) would
         # overwrite a real rank's file.
@@ -210,81 +228,33 @@ def _at_exit() -> None:
         flush()
 
 
-def _runtime_initialized() -> bool:
-    """True when this process has called ``decomm.init()`` (and not yet shut down)."""
-    mod = sys.modules.get(f"{__package__}.runtime")
-    return getattr(mod, "_state", None) is not None
-
-
 def _arm(on: bool) -> None:
-    global _armed_runtime_backend
-    be = _runtime_backend()
-    if be is not None:
-        with contextlib.suppress(Exception):
-            be.timeline = on
-        _armed_runtime_backend = be if on else None
     live = []
-    for b in _backends:
+    for b in ([_attached] if _attached is not None else []) + _backends:
         try:
             b.timeline = on
-            live.append(b)
+            if b is not _attached:
+                live.append(b)
         except Exception:  # closed or gone
             pass
     _backends[:] = live
 
 
-_mods: dict[str, Any] = {}
-
-
-def _runtime() -> Any:
-    mod = _mods.get("runtime")
-    if mod is None:
-        from . import runtime as mod
-
-        _mods["runtime"] = mod
-    return mod
+_core_module: Any = None
 
 
 def _core() -> Any:
-    mod = _mods.get("_C")
-    if mod is None:
-        from . import _C as mod
+    """``decomm._C``, imported on first use: ``import decomm`` works without the build."""
+    global _core_module
+    if _core_module is None:
+        from . import _C
 
-        _mods["_C"] = mod
-    return mod
-
-
-def _runtime_backend() -> Any:
-    global _joined
-    st = _runtime()._state
-    if st is None:
-        return None
-    _joined = True
-    return st.backend
+        _core_module = _C
+    return _core_module
 
 
 def _my_rank() -> int:
-    global _rank
-    if _rank is not None:
-        return _rank
-    from . import runtime
-
-    st = runtime._state
-    if st is not None:
-        _rank = st.rank
-        return _rank
-    try:
-        from mpi4py import MPI
-
-        if MPI.Is_initialized() and not MPI.Is_finalized():
-            _rank = MPI.COMM_WORLD.Get_rank()
-            return _rank
-    except ImportError:
-        pass
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    return 0 if _rank is None else _rank
 
 
 # ------------------------------------------------------------------ recording
@@ -321,18 +291,6 @@ def _to_json(e: tuple, rank: int | None = None) -> dict[str, Any]:
     if args:
         d["args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in args}
     return d
-
-
-def _capture_rank_and_backend() -> None:
-    global _rank, _armed_runtime_backend
-    be = _runtime_backend()
-    if be is not None and be is not _armed_runtime_backend:
-        with contextlib.suppress(Exception):
-            be.timeline = True
-        _armed_runtime_backend = be
-        st = _runtime()._state
-        if st is not None:
-            _rank = st.rank
 
 
 def _c_times_valid(times: Any, lo: int, hi: int) -> bool:
@@ -406,7 +364,6 @@ def _run_traced(kind: str, label: str, fn: Callable, name_idx: int | None, args:
         if _is_handle(result):
             _profile_wait(result, label)
         return result
-    _capture_rank_and_backend()
     name, info = _describe(args, kwargs, name_idx, kind)
     tid = _tid()
     _local.inner = False  # set by any traced op that runs inside this one
@@ -437,20 +394,19 @@ def _run_traced(kind: str, label: str, fn: Callable, name_idx: int | None, args:
 
 
 def _is_handle(result: Any) -> bool:
+    """A :class:`decomm.Handle`: it offers the ``on_wait`` hook and C++ timestamps."""
     c = getattr(result, "_c", None)
-    return c is not None and hasattr(c, "times") and callable(getattr(result, "wait", None))
+    return c is not None and hasattr(c, "times") and hasattr(result, "on_wait")
 
 
 def _profile_wait(h: Any, label: str) -> None:
-    orig_wait = h.wait
-
-    def wait() -> Any:
+    def around(wait: Callable[[], Any]) -> Any:
         if _ap._is_profiler_enabled:
             with _ap.record_function(f"{label}.wait"):
-                return orig_wait()
-        return orig_wait()
+                return wait()
+        return wait()
 
-    h.wait = wait
+    h.on_wait = around
 
 
 def _trace_handle(kind: str, label: str, h: Any, c: Any, name: str, info: dict, t_call: int,
@@ -463,20 +419,19 @@ def _trace_handle(kind: str, label: str, h: Any, c: Any, name: str, info: dict, 
         ltid = ASYNC_LANE_BASE + lane
         _tid_names.setdefault(ltid, f"async {lane}")
     info = dict(info, nonblocking=True)
-    orig_wait = h.wait
     done = [False]
 
-    def wait() -> Any:
+    def around(wait: Callable[[], Any]) -> Any:
         if done[0]:
-            return orig_wait()
+            return wait()
         wtid = _tid()
         t_w0 = _now()
         try:
             if _ap._is_profiler_enabled:
                 with _ap.record_function(f"{label}.wait"):
-                    res = orig_wait()
+                    res = wait()
             else:
-                res = orig_wait()
+                res = wait()
         finally:
             t_w1 = _now()
             if not done[0]:
@@ -491,7 +446,7 @@ def _trace_handle(kind: str, label: str, h: Any, c: Any, name: str, info: dict, 
                     _emit("wait", "wait", t_w0, t_w1, wtid, {"name": name, "op": kind})
         return res
 
-    h.wait = wait
+    h.on_wait = around
 
 
 @contextlib.contextmanager
@@ -549,21 +504,3 @@ _env = os.environ.get("DECOMM_TIMELINE", "")
 if _env:
     start(_env)
     _from_env = True
-
-
-def _ensure_ops_instrumented() -> list[str]:
-    """Wrap ``decomm.ops``' internal dispatchers with :func:`traced` unless already done.
-
-    For tests and for builds whose ``ops.py`` predates the timeline hooks: the public
-    ``neighbor_allreduce*`` / ``allreduce*`` functions call these module globals, so
-    wrapping them traces every variant. Returns the names it wrapped.
-    """
-    from . import ops
-
-    done = []
-    for attr, kind in (("_neighbor_allreduce", "neighbor_allreduce"), ("_allreduce", "allreduce")):
-        fn = getattr(ops, attr, None)
-        if fn is not None and not hasattr(fn, "__decomm_traced__"):
-            setattr(ops, attr, traced(kind)(fn))
-            done.append(attr)
-    return done

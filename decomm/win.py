@@ -58,9 +58,7 @@ fast one-sided path.
 from __future__ import annotations
 
 import atexit
-import math
 import threading
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import runtime, timeline
+from . import _agree, _checks, _state, timeline
 from .errors import DecommError
 
 __all__ = [
@@ -103,7 +101,7 @@ class _Window:
     remote_slot: dict[int, int]  # out-neighbour rank -> my slot index on that rank
     topology: Any  # the topology the window was built for
     rank: int
-    owner: Any  # runtime._State at creation
+    owner: Any  # the _state.State at creation
     lock: threading.RLock = field(default_factory=threading.RLock)
     accum_dtype: Any = None  # MPI datatype for MPI_SUM (float32/64) or None
     exposed: int = 0  # version of this rank's own value (slot 0)
@@ -138,7 +136,7 @@ def _neighbor_sets(topo: Any, r: int, n: int) -> tuple[list[int], list[int]]:
 
 
 def _get(name: Any, op: str) -> _Window:
-    rank = runtime._require().rank
+    rank = _state.require().rank
     if not isinstance(name, str):
         raise TypeError(f"{op} on rank {rank}: the window name must be a str, got "
                         f"{type(name).__name__} {name!r}")
@@ -164,35 +162,16 @@ def _check_tensor(t: Any, w: _Window, op: str) -> torch.Tensor:
 
 
 def _weight(v: Any, what: str, op: str, w: _Window) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{op} '{w.name}' on rank {w.rank}: {what} must be a number, got {v!r}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{op} '{w.name}' on rank {w.rank}: {what} = {v} is not finite")
-    return v
+    return _checks.check_weight(v, what, _checks.where(op, w.name, w.rank))
 
 
 def _ranks_map(obj: Any, what: str, op: str, w: _Window, allowed: Mapping[int, int] | list,
                direction: str) -> dict[int, float]:
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"{op} '{w.name}' on rank {w.rank}: {what} must be a dict "
-                        f"{{rank: weight}}, got {type(obj).__name__}")
-    out: dict[int, float] = {}
-    for r, v in obj.items():
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-            raise TypeError(f"{op} '{w.name}' on rank {w.rank}: {what} key {r!r} is not a rank")
-        r = int(r)
-        if r == w.rank:
-            raise ValueError(f"{op} '{w.name}' on rank {w.rank}: {what} names this rank itself "
-                             f"(no rank has a slot for itself; {direction}-neighbours: "
-                             f"{sorted(allowed)})")
-        if r not in allowed:
-            raise ValueError(
-                f"{op} '{w.name}' on rank {w.rank}: {what} names rank {r}, which is not an "
-                f"{direction}-neighbour of this rank in the window's topology "
-                f"({w.topology.name}; {direction}-neighbours: {sorted(allowed)})")
-        out[r] = _weight(v, f"{what}[{r}]", op, w)
-    return out
+    """A ``{rank: weight}`` map over ``allowed`` (this window's in- or out-neighbours)."""
+    return _checks.weight_map(obj, what, _checks.where(op, w.name, w.rank), me=w.rank,
+                              size=w.owner.size, allowed=list(allowed),
+                              role=f"{direction}-neighbour",
+                              context=f" in the window's topology ({w.topology.name})")
 
 
 # -------------------------------------------------------------- create / free
@@ -207,7 +186,7 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
     and dtype (checked: a :class:`DecommError` names the ranks that differ).
     """
     global _atexit_registered
-    st = runtime._require()
+    st = _state.require()
     if not isinstance(name, str) or not name:
         raise TypeError(f"win_create on rank {st.rank}: name must be a non-empty str, got "
                         f"{name!r}")
@@ -224,17 +203,16 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
         raise ValueError(f"win_create '{name}' on rank {st.rank}: the registered tensor must be "
                          "contiguous (win_update writes into it in place)")
     exists = name in _windows
-    sig = zlib.crc32(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
-    table = st.backend.allgather(torch.tensor([[sig, int(exists)]], dtype=torch.int64),
-                                 "decomm.win_create")
-    differ = [r for r in range(st.size) if int(table[r, 0]) != int(table[0, 0])]
+    sig = _agree.digest((name, tuple(tensor.shape), str(tensor.dtype)))
+    table = _agree.gather_rows(st.backend.allgather, [sig, int(exists)], "decomm.win_create")
+    differ = _agree.differing_ranks(table, columns=[0])
     if differ:
         raise DecommError(f"win_create '{name}' on rank {st.rank}: ranks {differ} create a "
                           f"window with a different name, shape or dtype than rank 0 (this rank: "
                           f"{tuple(tensor.shape)} {tensor.dtype}); every rank must create the "
                           "same windows in the same order")
-    if bool(table[:, 1].any()):
-        dup = [r for r in range(st.size) if int(table[r, 1])]
+    dup = [r for r, row in enumerate(table) if row[1]]
+    if dup:
         raise DecommError(f"win_create '{name}' on rank {st.rank}: a window of that name "
                           f"already exists on ranks {dup}; win_free it first")
     MPI = _mpi()
@@ -286,7 +264,7 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
 @timeline.traced("win_free", phases=False)
 def win_free(name: str | None = None) -> bool:
     """Free window ``name`` (or every window when ``None``); collective. Returns True."""
-    runtime._require()
+    _state.require()
     if name is None:
         names = sorted(_windows)
     else:
@@ -332,7 +310,7 @@ def win_out_neighbors(name: str) -> list[int]:
 
 # ------------------------------------------------------------------ put / acc
 def _default_dst(w: _Window) -> dict[int, float]:
-    t = runtime.current_round()
+    t = _state.require().round
     return {j: 1.0 for j in w.topology.out_neighbors(w.rank, t)}
 
 
@@ -454,7 +432,7 @@ def win_get(name: str, *, src_weights: Mapping[int, float] | None = None) -> boo
     """
     w = _get(name, "win_get")
     if src_weights is None:
-        src = {j: 1.0 for j in w.topology.in_neighbors(w.rank, runtime.current_round())}
+        src = {j: 1.0 for j in w.topology.in_neighbors(w.rank, _state.require().round)}
     else:
         src = _ranks_map(src_weights, "src_weights", "win_get", w, w.slot_of, "in")
     if not src:
@@ -510,7 +488,7 @@ def win_update(name: str, *, self_weight: float | None = None,
         raise ValueError(f"win_update '{name}' on rank {w.rank}: give self_weight and "
                          "neighbor_weights together (or neither, for the topology's weights)")
     if self_weight is None:
-        sw, nb = w.topology.weights(w.rank, runtime.current_round())
+        sw, nb = w.topology.weights(w.rank, _state.require().round)
         missing = sorted(set(nb) - set(w.slot_of))
         if missing:  # cannot happen for the creation topology; guards odd families
             raise DecommError(f"win_update '{name}' on rank {w.rank}: the topology's weights "

@@ -39,19 +39,21 @@ from __future__ import annotations
 
 import enum
 import warnings
-import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _agree
+from ..errors import DecommError
 from . import comm as _comm
 from ._flat import Bucket, build_buckets, collect_params
-from .comm import Communicator, Handle, MPICommunicator, decomm_error
+from .comm import Communicator, MPICommunicator, PendingExchange
+from .monitor import consensus_distance
 
-__all__ = ["DecentralizedOptimizer", "Mix", "decomm_error"]
+__all__ = ["DecentralizedOptimizer", "Mix"]
 
 
 class Mix(enum.Enum):
@@ -102,12 +104,12 @@ def check_same_parameters(comm: Communicator, params: list[Tensor], names: list[
     if size <= 1:
         return
     sig = [(tuple(p.shape), str(p.dtype)) for p in params]
-    local = torch.tensor([len(params), zlib.crc32(repr(sig).encode())], dtype=torch.int64)
-    table = comm.allgather(local, name="decomm.optim.signature").reshape(size, 2)
-    if bool((table == table[0]).all()):
+    table = _agree.gather_rows(comm.allgather, [len(params), _agree.digest(sig)],
+                               "decomm.optim.signature")
+    if not _agree.differing_ranks(table):
         return
-    err = decomm_error()
-    counts = table[:, 0].tolist()
+    err = DecommError
+    counts = [row[0] for row in table]
     if len(set(counts)) > 1:
         listing = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
         raise err(
@@ -122,7 +124,7 @@ def check_same_parameters(comm: Communicator, params: list[Tensor], names: list[
         rows[k, 1] = p.dim()
         dims = list(p.shape)
         if len(dims) > width - 2:
-            dims = [*dims[: width - 3], zlib.crc32(repr(tuple(p.shape)).encode())]
+            dims = [*dims[: width - 3], _agree.digest(tuple(p.shape))]
         for d, v in enumerate(dims):
             rows[k, 2 + d] = int(v)
     allrows = comm.allgather(rows.reshape(-1), name="decomm.optim.shapes").reshape(
@@ -296,7 +298,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._check_parameters = check_parameters
         self._steps = 0
         self._comms = 0
-        self._inflight: list[Handle] | None = None
+        self._inflight: list[PendingExchange] | None = None
         self._hook_handles: list[Any] = []
         self._buckets: list[Bucket] = []
         self._columns_checked: Any = None
@@ -354,7 +356,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         limit = _comm.MAX_MESSAGE_BYTES
         for dev, dt, count, nbytes in _bucket_message_bytes(indexed, self._message_numel):
             if nbytes > limit:
-                raise decomm_error()(
+                raise DecommError(
                     f"{type(self).__name__} on rank {comm.rank()}: the {count} {dt} "
                     f"parameters on {dev} form one flat message of {nbytes} bytes "
                     f"({nbytes / 2**30:.2f} GiB), over the per-message limit of {limit} "
@@ -644,7 +646,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def consensus_distance(self, *, exact: bool = False) -> float:
         """(1/n) Σ_i ‖x_i − x̄‖² over ranks; see :func:`decomm.optim.consensus_distance`."""
-        from .monitor import consensus_distance
 
         return consensus_distance(self.params, communicator=self._comm, exact=exact)
 
@@ -790,27 +791,3 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
         return False
-
-
-def iter_tensors(obj: Any) -> list[Tensor]:
-    """Parameters of a module / wrapper / optimizer / iterable of tensors."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, DecentralizedOptimizer):
-        return obj.params
-    if isinstance(obj, torch.nn.Module):
-        return list(obj.parameters())
-    if isinstance(obj, torch.optim.Optimizer):
-        return [p for _, p in collect_params(obj.param_groups)]
-    if isinstance(obj, Iterable):
-        out = []
-        for t in obj:
-            if isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], Tensor):
-                t = t[1]  # named_parameters()
-            if not isinstance(t, Tensor):
-                raise TypeError(f"expected tensors, got {type(t).__name__}")
-            out.append(t)
-        return out
-    raise TypeError(
-        f"expected a module, optimizer or iterable of tensors, got {type(obj).__name__}"
-    )

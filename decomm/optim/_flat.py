@@ -24,7 +24,9 @@ copies the new values back into the bucket and re-points the parameter.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,6 +45,30 @@ def collect_params(param_groups: list[dict]) -> list[tuple[int, Tensor]]:
             seen.add(id(p))
             out.append((gi, p))
     return out
+
+
+def iter_tensors(obj: Any) -> list[Tensor]:
+    """Parameters of a module / wrapper / optimizer / iterable of tensors."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if hasattr(obj, "flat_params"):  # a decomm wrapper: its parameters, bucket order
+        return list(obj.params)
+    if isinstance(obj, torch.nn.Module):
+        return list(obj.parameters())
+    if isinstance(obj, torch.optim.Optimizer):
+        return [p for _, p in collect_params(obj.param_groups)]
+    if isinstance(obj, Iterable):
+        out = []
+        for t in obj:
+            if isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], Tensor):
+                t = t[1]  # named_parameters()
+            if not isinstance(t, Tensor):
+                raise TypeError(f"expected tensors, got {type(t).__name__}")
+            out.append(t)
+        return out
+    raise TypeError(
+        f"expected a module, optimizer or iterable of tensors, got {type(obj).__name__}"
+    )
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ._base import iter_tensors
+from ._flat import iter_tensors
 from .comm import Communicator, MPICommunicator, flatten_float64
 
 __all__ = ["consensus_distance"]

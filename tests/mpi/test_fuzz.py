@@ -153,7 +153,7 @@ def test_soak_time_varying_nonblocking_exact_and_no_leak():
 def test_check_finite_names_the_rank_and_passes_values_through():
     n, r = decomm.size(), decomm.rank()
     decomm.set_topology(T.FullyConnectedGraph(n))
-    state = decomm.runtime._require()
+    state = decomm._state.require()
     state.check_finite = True
     try:
         x = torch.ones(4)

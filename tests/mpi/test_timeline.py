@@ -1,8 +1,6 @@
 """Timeline under mpirun: each rank's Chrome-trace JSON has well-formed ops and phases.
 
-The ops' internal dispatchers are traced by decorators in ``decomm.ops``; on a tree
-whose ops.py predates those hooks, ``timeline._ensure_ops_instrumented()`` wraps the
-same functions so these tests check the same code path.
+The ops' internal dispatchers are traced by decorators in ``decomm.ops``.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ EPS_US = 1.0  # rounding of ns -> us floats
 
 @pytest.fixture
 def tl():
-    timeline._ensure_ops_instrumented()
     was_on, old_prefix = timeline.enabled, timeline._prefix
     d = tempfile.mkdtemp(prefix=f"decomm-tl-{decomm.rank()}-")
     timeline._reset_for_tests()
@@ -137,11 +134,11 @@ def test_hierarchical_and_activity(tl):
         act[0]["dur"] + EPS_US
     names = [p["name"] for p in phases_of(op[0], evs)]
     expect = ["validate"]
-    if H.local_size() > 1:
+    if H.machine_local_size() > 1:
         expect.append("local_allreduce")
-    if H.local_rank() == 0 and H.machine_size() > 1:
+    if H.machine_local_rank() == 0 and H.machine_size() > 1:
         expect.append("machine_gossip")
-    if H.local_size() > 1:
+    if H.machine_local_size() > 1:
         expect.append("local_broadcast")
     expect.append("unpack")
     assert names == expect
@@ -169,7 +166,6 @@ def test_timestamps_align_across_ranks(tl):
 
 
 def test_profiler_sees_decomm_ranges():
-    timeline._ensure_ops_instrumented()
     from torch.profiler import ProfilerActivity, profile
 
     n = decomm.size()
@@ -184,7 +180,6 @@ def test_profiler_sees_decomm_ranges():
 
 
 def test_off_records_nothing():
-    timeline._ensure_ops_instrumented()
     assert not timeline.enabled or os.environ.get("DECOMM_TIMELINE")
     if timeline.enabled:
         pytest.skip("DECOMM_TIMELINE is set for this run")

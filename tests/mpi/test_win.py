@@ -280,10 +280,10 @@ def test_errors():
             W.win_get("e", src_weights={not_in[0]: 1.0})
     with pytest.raises(ValueError, match="together"):
         W.win_update("e", self_weight=0.5)
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(ValueError, match="must be finite"):
         W.win_update("e", self_weight=float("nan"), neighbor_weights={})
     with pytest.raises(TypeError, match="dict"):
-        W.win_put(x, "e", dst_weights=[1])
+        W.win_put(x, "e", dst_weights="1")
     with pytest.raises(TypeError, match="name must be a str"):
         W.win_get(3)
     # ranks creating different windows are told, on every rank
@@ -318,13 +318,13 @@ def test_error_messages_name_rank_window_and_neighbour():
     check(TypeError, lambda: W.win_put([1.0], "msg"), "win_put 'msg'", "list")
     check(decomm.DecommError, lambda: W.win_put(torch.zeros(7, dtype=torch.float64), "msg"),
           "'msg'", "(7,)", "(6,)")
-    check(TypeError, lambda: W.win_put(x, "msg", dst_weights=[1]), "'msg'", "dict")
+    check(TypeError, lambda: W.win_put(x, "msg", dst_weights="1"), "'msg'", "dict")
     check(TypeError, lambda: W.win_get("msg", src_weights={"a": 1.0}), "'msg'", "'a'")
     check(ValueError, lambda: W.win_get("msg", src_weights={r: 1.0}), "'msg'", "itself")
     check(ValueError, lambda: W.win_update("msg", self_weight=0.5), "'msg'", "together")
     for j in W.win_in_neighbors("msg"):
         check(ValueError, lambda j=j: W.win_get("msg", src_weights={j: float("inf")}),
-              "win_get 'msg'", f"src_weights[{j}]", "not finite")
+              "win_get 'msg'", f"src_weights[{j}]", "must be finite")
         check(TypeError,
               lambda j=j: W.win_update("msg", self_weight=1.0, neighbor_weights={j: "1"}),
               "win_update 'msg'", f"neighbor_weights[{j}]")

@@ -188,9 +188,9 @@ def test_backend_for_keeps_cpu_tensors_on_the_cpu_backend():
 
     state = _FakeState()
     assert cuda_ops.backend_for(state, torch.zeros(2), "neighbor_allreduce") is state.backend
-    cuda_ops.check_device(torch.zeros(1), "op", "name")
-    with pytest.raises(decomm.DecommError, match="meta"):
-        cuda_ops.check_device(torch.zeros(1, device="meta"), "op", "name")
+    cuda_ops.check_device(torch.zeros(1), "op 'name' on rank 0")
+    with pytest.raises(decomm.DecommError, match="op 'name' on rank 0: tensor is on meta"):
+        cuda_ops.check_device(torch.zeros(1, device="meta"), "op 'name' on rank 0")
 
 
 def test_staged_backend_copies_through_host_buffers():

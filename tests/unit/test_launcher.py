@@ -306,7 +306,6 @@ def test_timeline_under_decomm_run_keeps_every_rank_trace(tmp_path: Path) -> Non
         "import torch, decomm\n"
         "from decomm import timeline\n"
         "decomm.init()\n"
-        "timeline._ensure_ops_instrumented()\n"
         "decomm.set_topology(decomm.topology.RingGraph(decomm.size()))\n"
         "for i in range(3):\n"
         "    decomm.neighbor_allreduce(torch.ones(4), name=f'x{i}')\n"

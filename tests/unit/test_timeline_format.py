@@ -135,7 +135,6 @@ def test_env_var_writes_file_at_exit(tmp_path):
         "from decomm import timeline\n"
         "assert timeline.enabled\n"
         "decomm.init()\n"
-        "timeline._ensure_ops_instrumented()\n"
         "decomm.neighbor_allreduce(torch.ones(8), name='env-op')\n"
         "with timeline.activity('work'):\n"
         "    pass\n"

@@ -53,7 +53,7 @@ def weight_map(obj: Any, what: str, where: str, *, me: int, size: int, unit: str
 
     Keys must be ints in ``[0, size)``, other than ``me`` (this rank's own weight goes
     in ``self_weight``), each named once, and in ``allowed`` when it is given (the
-    message then calls them ``role``\ s of this rank ``context`` and lists them).
+    message then names them by ``role`` and ``context``, and lists them).
     """
     listing = "" if allowed is None else f" ({role}s: {sorted(allowed)})"
     if isinstance(obj, Mapping):

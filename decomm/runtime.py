@@ -1,8 +1,10 @@
-"""Process-wide state of decomm: MPI setup, this rank's identity, the topology and its round.
+"""Lifecycle and public accessors: ``init``/``shutdown``, rank and size, the topology in
+force and its round counter, timeouts and byte counters.
 
 ``init()`` brings up MPI (through mpi4py, which loads the same MPI library the C++
-core links against), duplicates the world communicator for decomm's own traffic and
-starts the C++ backend. The topology in force and the round counter live here: every
+core links against), duplicates the world communicator for decomm's own traffic,
+starts the C++ backend and installs the process state (:mod:`decomm._state`), which
+the ops read; it hands the rank and backend to the timeline and the CUDA glue. Every
 neighbour op uses round ``current_round()`` of the topology, and the optimizer
 wrappers call ``advance_round()`` once per communication step, so a time-varying
 schedule such as ``BaseGraph(n, k)`` cycles through its rounds during training.

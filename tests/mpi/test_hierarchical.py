@@ -174,7 +174,8 @@ def test_env_var_grouping():
     os.environ["DECOMM_LOCAL_SIZE"] = str(L)
     try:
         H.init_machines()
-        assert H.machine_rank() == decomm.rank() // L and H.machine_local_rank() == decomm.rank() % L
+        assert H.machine_rank() == decomm.rank() // L
+        assert H.machine_local_rank() == decomm.rank() % L
         x = torch.from_numpy(value(decomm.rank(), (3,)))
         close(H.hierarchical_neighbor_allreduce(x),
               expected(T.ExponentialGraph(H.machine_size()).matrix(0), L, (3,)))
@@ -334,7 +335,8 @@ def test_gossip_failure_reaches_every_rank_of_the_machine():
         pytest.skip("needs 2 machines of 2 ranks")
     H.init_machines(2)
     shape = (4,) if H.machine_rank() % 2 == 0 else (5,)
-    pattern = "called differently" if H.machine_local_rank() == 0 else "failed on this machine's leader"
+    leader = H.machine_local_rank() == 0
+    pattern = "called differently" if leader else "failed on this machine's leader"
     with pytest.raises(decomm.DecommError, match=pattern):
         H.hierarchical_neighbor_allreduce(torch.zeros(shape), name="machines-differ")
     x = torch.from_numpy(value(decomm.rank(), (3,)))  # still healthy

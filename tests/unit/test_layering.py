@@ -117,9 +117,9 @@ def test_no_import_cycle():
         state[m] = 1
         for d in sorted(g.get(m, ())):
             if state.get(d) == 1:
-                cycles.append(path[path.index(d):] + [d] if d in path else [m, d])
+                cycles.append([*path[path.index(d):], d] if d in path else [m, d])
             elif d not in state:
-                visit(d, path + [d])
+                visit(d, [*path, d])
         state[m] = 2
 
     for m in sorted(g):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_id", "check_weight", "weight_map", "where"]
+__all__ = ["check_id", "check_weight", "resolve_weights", "weight_map", "where"]
 
 _NUMBER = (int, float, np.floating, np.integer)
 
@@ -81,3 +81,48 @@ def weight_map(obj: Any, what: str, where: str, *, me: int, size: int, unit: str
                              f"this {unit}{context}{listing}")
         out[r] = check_weight(w, f"{what}[{r}]", where)
     return out
+
+
+def resolve_weights(plan: Any, self_weight: Any, src_weights: Any, dst_weights: Any,
+                    where: str, *, me: int, size: int, unit: str = "rank", prefix: str = "",
+                    graph: str = "") -> tuple[float, list[int], list[float], list[int],
+                                              list[float]]:
+    """One call's ``(self weight, src ids, src weights, dst ids, dst weights)``.
+
+    ``plan`` is the round's :class:`decomm._state.RoundPlan`. With no override the
+    topology's weights apply and every message goes out unscaled. ``self_weight`` with
+    ``{prefix}src_weights`` re-weights the round's in-neighbours (unnamed ones weigh
+    0, since every in-neighbour sends regardless); adding ``{prefix}dst_weights``
+    defines the whole graph of this call. ``graph`` names the round for messages
+    (``"round 3 of BaseGraph(n=8, k=1)"``).
+    """
+    src_name, dst_name = f"src_{prefix}weights", f"dst_{prefix}weights"
+
+    def ids(obj: Any, what: str) -> dict[int, float]:
+        return weight_map(obj, what, where, me=me, size=size, unit=unit)
+
+    if dst_weights is None:
+        if (self_weight is None) != (src_weights is None):
+            raise ValueError(f"{where}: give self_weight and {src_name} together (or neither, "
+                             "to use the topology's weights)")
+        ones = [1.0] * len(plan.dst_ranks)
+        if self_weight is None:
+            return plan.self_weight, plan.src_ranks, plan.src_weights, plan.dst_ranks, ones
+        sw = check_weight(self_weight, "self_weight", where)
+        given = ids(src_weights, src_name)
+        extra = sorted(set(given) - set(plan.src_ranks))
+        if extra:
+            raise ValueError(
+                f"{where}: {src_name} names {unit}(s) {extra}, which are not in-neighbours in "
+                f"{graph} (in-neighbours: {plan.src_ranks}); pass {dst_name} too to use a "
+                "different graph for one call")
+        return (sw, plan.src_ranks, [given.get(j, 0.0) for j in plan.src_ranks],
+                plan.dst_ranks, ones)
+    if self_weight is None or src_weights is None:
+        raise ValueError(f"{where}: with {dst_name}, also give self_weight and {src_name} "
+                         "(together they define this call's graph)")
+    sw = check_weight(self_weight, "self_weight", where)
+    src = ids(src_weights, src_name)
+    dst = ids(dst_weights, dst_name)
+    sr, dr = sorted(src), sorted(dst)
+    return sw, sr, [src[j] for j in sr], dr, [dst[j] for j in dr]

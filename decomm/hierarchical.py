@@ -322,40 +322,10 @@ def _plan(st: _Hier, t: int) -> _state.RoundPlan:
 
 
 def _resolve(st: _Hier, self_weight: Any, src_w: Any, dst_w: Any, name: str, t: int):
-    plan = _plan(st, t)
-    at = _checks.where(_OP, name, st.rank)
-
-    def machines(obj: Any, what: str) -> dict[int, float]:
-        return _checks.weight_map(obj, what, at, me=st.machine, size=st.machines,
-                                  unit="machine")
-
-    if dst_w is None:
-        if (self_weight is None) != (src_w is None):
-            raise ValueError(f"{at}: give self_weight and src_machine_weights together (or "
-                             "neither, to use the machine topology's weights)")
-        ones = [1.0] * len(plan.dst_ranks)
-        if self_weight is None:
-            return plan.self_weight, plan.src_ranks, plan.src_weights, plan.dst_ranks, ones
-        sw = _checks.check_weight(self_weight, "self_weight", at)
-        given = machines(src_w, "src_machine_weights")
-        extra = sorted(set(given) - set(plan.src_ranks))
-        if extra:
-            raise ValueError(
-                f"{at}: src_machine_weights names machine(s) {extra}, which are not "
-                f"in-neighbours of machine {st.machine} in round {t} of {st.topology.name} "
-                f"(in-neighbours: {plan.src_ranks}); pass dst_machine_weights too to use a "
-                "different machine graph for one call")
-        return (sw, plan.src_ranks, [given.get(j, 0.0) for j in plan.src_ranks],
-                plan.dst_ranks, ones)
-    if self_weight is None or src_w is None:
-        raise ValueError(f"{at}: with dst_machine_weights, also give self_weight and "
-                         "src_machine_weights (together they define this call's machine "
-                         "graph)")
-    sw = _checks.check_weight(self_weight, "self_weight", at)
-    src = machines(src_w, "src_machine_weights")
-    dst = machines(dst_w, "dst_machine_weights")
-    sr, dr = sorted(src), sorted(dst)
-    return sw, sr, [src[j] for j in sr], dr, [dst[j] for j in dr]
+    return _checks.resolve_weights(_plan(st, t), self_weight, src_w, dst_w,
+                                   _checks.where(_OP, name, st.rank), me=st.machine,
+                                   size=st.machines, unit="machine", prefix="machine_",
+                                   graph=f"round {t} of the machine topology {st.topology.name}")
 
 
 # ------------------------------------------------------------------------ op

@@ -194,38 +194,32 @@ def _resolve(self_weight: Any, src_weights: Any, dst_weights: Any, name: str,
     """(self weight, src ranks, src weights, dst ranks, dst weights, round) for this call."""
     state = _state.require()
     plan, t = state.plan()
-    at = _checks.where(op, name, state.rank)
+    return (*_checks.resolve_weights(plan, self_weight, src_weights, dst_weights,
+                                     _checks.where(op, name, state.rank), me=state.rank,
+                                     size=state.size,
+                                     graph=f"round {t} of {state.topology.name}"), t)
 
-    def weights(obj: Any, what: str) -> dict[int, float]:
-        return _checks.weight_map(obj, what, at, me=state.rank, size=state.size)
 
-    if dst_weights is None:
-        if (self_weight is None) != (src_weights is None):
-            raise ValueError(f"{at}: give self_weight and src_weights together (or neither, "
-                             "to use the topology's weights)")
-        dst = plan.dst_ranks
-        dst_w = [1.0] * len(dst)
-        if self_weight is None:
-            return plan.self_weight, plan.src_ranks, plan.src_weights, dst, dst_w, t
-        sw = _checks.check_weight(self_weight, "self_weight", at)
-        given = weights(src_weights, "src_weights")
-        extra = sorted(set(given) - set(plan.src_ranks))
-        if extra:
-            raise ValueError(
-                f"{at}: src_weights names rank(s) {extra}, which "
-                f"are not in-neighbours in round {t} of {state.topology.name} (in-neighbours: "
-                f"{plan.src_ranks}); pass dst_weights too to use a different graph for one call")
-        # Every in-neighbour sends regardless, so receive from all; unnamed ones weigh 0.
-        return sw, plan.src_ranks, [given.get(j, 0.0) for j in plan.src_ranks], dst, dst_w, t
-    if self_weight is None or src_weights is None:
-        raise ValueError(f"{at}: with dst_weights, also give self_weight and src_weights "
-                         "(together they define this call's graph)")
-    sw = _checks.check_weight(self_weight, "self_weight", at)
-    src = weights(src_weights, "src_weights")
-    dst = weights(dst_weights, "dst_weights")
-    src_r = sorted(src)
-    dst_r = sorted(dst)
-    return sw, src_r, [src[j] for j in src_r], dst_r, [dst[j] for j in dst_r], t
+def _finisher(tensor: Any, t: torch.Tensor, back: Any, inplace: bool, nonfinite: str | None,
+              cast_to: torch.dtype | None = None) -> Callable[[torch.Tensor], Any]:
+    """What turns the C++ result into the op's return value (now or at ``wait()``).
+
+    In place: the result is copied into ``tensor``'s storage when it was computed
+    elsewhere, and the version counter bumped; otherwise the result (cast back to
+    ``cast_to`` when it was computed wider) in the caller's type. A non-finite input
+    report (``DECOMM_CHECK_FINITE``) raises here, after the exchange.
+    """
+    def finish(result: torch.Tensor) -> Any:
+        if nonfinite:
+            raise DecommError(nonfinite)
+        if inplace:
+            if result.data_ptr() != t.data_ptr():
+                t.copy_(result)
+            _bump_version(tensor)
+            return tensor
+        return back(result.to(cast_to) if cast_to is not None else result)
+
+    return finish
 
 
 # --------------------------------------------------------- neighbor_allreduce
@@ -251,15 +245,7 @@ def _neighbor_allreduce(tensor: Any, self_weight: Any, src_weights: Any, dst_wei
     if inplace and nonblocking:  # the C++ side writes it from now on
         _bump_version(tensor)
 
-    def finish(result: torch.Tensor) -> Any:
-        if nonfinite:
-            raise DecommError(nonfinite)
-        if inplace:
-            if result.data_ptr() != t.data_ptr():
-                t.copy_(result)
-            _bump_version(tensor)
-            return tensor
-        return back(result)
+    finish = _finisher(tensor, t, back, inplace, nonfinite)
 
     if nonblocking:
         return Handle(h, finish, (x, out, t))
@@ -346,15 +332,7 @@ def _allreduce(tensor: Any, average: bool, name: Any, inplace: bool, nonblocking
     if inplace and nonblocking:
         _bump_version(tensor)
 
-    def finish(result: torch.Tensor) -> Any:
-        if nonfinite:
-            raise DecommError(nonfinite)
-        if inplace:
-            if result.data_ptr() != t.data_ptr():
-                t.copy_(result)
-            _bump_version(tensor)
-            return tensor
-        return back(result.to(t.dtype) if wide else result)
+    finish = _finisher(tensor, t, back, inplace, nonfinite, t.dtype if wide else None)
 
     if nonblocking:
         return Handle(h, finish, (x, out, t))

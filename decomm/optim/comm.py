@@ -38,20 +38,10 @@ class PendingExchange(Protocol):
     """A started non-blocking exchange: :meth:`wait` finishes it and returns the result.
 
     :class:`decomm.Handle` (what ``decomm.neighbor_allreduce_nonblocking_`` returns)
-    is one; the simulator's communicators return their own.
+    is one; any object with such a ``wait`` will do for a custom communicator.
     """
 
     def wait(self) -> Tensor: ...
-
-
-# Transitional: decomm/optim/_base.py still imports these two names; remove them once
-# it uses PendingExchange and decomm.errors.DecommError directly.
-Handle = PendingExchange
-
-
-def decomm_error() -> type[Exception]:
-    """``decomm.errors.DecommError`` (transitional; import it from decomm.errors)."""
-    return DecommError
 
 
 @runtime_checkable

@@ -385,6 +385,25 @@ def test_errors():
         consensus_distance(3, communicator=LocalCommunicator())
 
 
+def test_pending_exchange_protocol_does_not_shadow_decomm_handle():
+    """decomm.optim's protocol for a started exchange is PendingExchange; the name Handle
+    belongs to decomm.Handle alone (and DecommError comes from decomm.errors)."""
+    import decomm
+    import decomm.optim as optim
+    from decomm.optim import comm
+
+    assert "PendingExchange" in optim.__all__ and "Handle" not in optim.__all__
+    assert not hasattr(optim, "Handle") and not hasattr(comm, "Handle")
+    assert not hasattr(comm, "decomm_error")
+
+    class Started:
+        def wait(self):
+            return torch.zeros(1)
+
+    assert isinstance(Started(), optim.PendingExchange)
+    assert decomm.Handle is not optim.PendingExchange
+
+
 def test_mpi_communicator_requires_init():
     import decomm
 

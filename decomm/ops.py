@@ -19,7 +19,7 @@ two ranks pairing different unnamed calls - one rank skipped or added a call - g
 :class:`~decomm.errors.DecommError` at once instead of silently exchanging the wrong
 tensors. Ranks that make the same logical call from different lines must name it.
 
-Convention (DESIGN.md): with ``W`` the current round's mixing matrix, rank i's
+Convention (docs/concepts.rst): with ``W`` the current round's mixing matrix, rank i's
 ``neighbor_allreduce`` returns ``W[i, i] x_i + sum_j W[i, j] x_j`` over its
 in-neighbours j, summed in a fixed order (self, then ascending rank), so the result
 is bitwise identical on every run.

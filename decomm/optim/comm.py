@@ -16,7 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from decomm.errors import DecommError
+from .. import ops, runtime
+from ..errors import DecommError
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -81,60 +82,52 @@ class Communicator(Protocol):
     def allgather(self, tensor: Tensor, name: str | None = None) -> Tensor: ...
 
 
-def _decomm() -> Any:
-    import decomm  # late import: decomm/__init__ may import decomm.optim
-
-    return decomm
-
-
 class MPICommunicator:
     """Forwards to the process-wide decomm runtime (``decomm.init()`` first)."""
 
     supports_nonblocking = True
 
     def __init__(self) -> None:
-        dc = _decomm()
-        if not dc.is_initialized():
+        if not runtime.is_initialized():
             raise DecommError(
                 "decomm is not initialised: call decomm.init() before creating a "
                 "decomm.optim wrapper (or pass communicator=... / use decomm.sim)"
             )
-        self._dc = dc
 
     def rank(self) -> int:
-        return int(self._dc.rank())
+        return runtime.rank()
 
     def size(self) -> int:
-        return int(self._dc.size())
+        return runtime.size()
 
     def topology(self) -> Any:
-        return self._dc.get_topology()
+        return runtime.get_topology()
 
     def current_round(self) -> int:
-        return int(self._dc.current_round())
+        return runtime.current_round()
 
     def advance_round(self) -> None:
-        self._dc.advance_round()
+        runtime.advance_round()
 
     def set_round(self, round_: int) -> None:
-        self._dc.set_round(int(round_))
+        runtime.set_round(int(round_))
 
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
-        return self._dc.neighbor_allreduce_(tensor, name=name)
+        return ops.neighbor_allreduce_(tensor, name=name)
 
     def neighbor_allreduce_nonblocking_(
         self, tensor: Tensor, name: str | None = None
     ) -> PendingExchange:
-        return self._dc.neighbor_allreduce_nonblocking_(tensor, name=name)
+        return ops.neighbor_allreduce_nonblocking_(tensor, name=name)
 
     def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
-        return self._dc.allreduce_(tensor, average=average, name=name)
+        return ops.allreduce_(tensor, average=average, name=name)
 
     def broadcast_(self, tensor: Tensor, root: int = 0, name: str | None = None) -> Tensor:
-        return self._dc.broadcast_(tensor, root, name=name)
+        return ops.broadcast_(tensor, root, name=name)
 
     def allgather(self, tensor: Tensor, name: str | None = None) -> Tensor:
-        return self._dc.allgather(tensor, name=name)
+        return ops.allgather(tensor, name=name)
 
 
 class LocalCommunicator:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from decomm.errors import DecommError
-
+from .. import _agree
+from ..errors import DecommError
 from ._base import DecentralizedOptimizer, Mix
 from .comm import Communicator, MPICommunicator, PendingExchange
 
@@ -189,10 +189,9 @@ class PushSum(DecentralizedOptimizer):
                 f"{type(inner).__name__}, which mixes with a row-stochastic W only")
         push = None if weights is None else _push_topology(weights, inner.size())
         if push is not None and inner.size() > 1:
-            digest = int(push.fingerprint()[:15], 16)
-            table = inner.allgather(torch.tensor([digest], dtype=torch.int64),
-                                    name="decomm.optim.PushSum.weights")
-            differ = [r for r in range(inner.size()) if int(table[r]) != int(table[0])]
+            table = _agree.gather_rows(inner.allgather, [_agree.topology_digest(push)],
+                                       "decomm.optim.PushSum.weights")
+            differ = _agree.differing_ranks(table)
             if differ:
                 raise DecommError(f"PushSum: ranks {differ} passed different push weights "
                                      "than rank 0; every rank must pass the same P")

@@ -3,7 +3,7 @@
 Layers, bottom to top (a module may import its own layer or lower ones, and the
 import graph has no cycle):
 
-0. pure maths and leaves: errors, version, build flags, cupy interop, topology, data split
+0. pure maths and leaves: errors, version, build flags, cupy interop, topology, data splits
 1. process state, input validation, cross-rank agreement (``_state``, ``_checks``, ``_agree``)
 2. timeline and the CUDA glue (they get the rank and backends from ``init``)
 3. the ops: ``ops``, ``hierarchical``, ``win``
@@ -25,13 +25,12 @@ EXTENSIONS = {"decomm._C", "decomm._C_cuda"}
 
 LAYERS: dict[str, int] = {
     "decomm.errors": 0, "decomm._version": 0, "decomm.backends": 0, "decomm.interop": 0,
-    "decomm.topology": 0, "decomm.data.split": 0,
+    "decomm.topology": 0, "decomm.data": 0,
     "decomm._state": 1, "decomm._checks": 1, "decomm._agree": 1,
     "decomm.timeline": 2, "decomm.cuda_ops": 2,
     "decomm.ops": 3, "decomm.hierarchical": 3, "decomm.win": 3,
     "decomm.runtime": 4, "decomm.optim": 4, "decomm.amp": 4,
     "decomm.sim": 5, "decomm.launcher": 5, "decomm.__main__": 5, "decomm": 5,
-    "decomm.data": 5, "decomm.data.datasets": 5, "decomm.models": 5,
 }
 
 

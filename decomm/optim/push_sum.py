@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _agree
+from .. import _agree, ops
 from ..errors import DecommError
 from ._base import DecentralizedOptimizer, Mix
 from .comm import Communicator, MPICommunicator, PendingExchange
@@ -58,7 +58,6 @@ class _PushSumCommunicator:
 
     def __init__(self, inner: MPICommunicator, push: Any) -> None:
         self._inner = inner
-        self._dc = inner._dc
         self._push = push  # None = uniform split over the runtime topology; else P(t)ᵀ
         self._cache: dict[tuple, tuple] = {}
 
@@ -108,15 +107,15 @@ class _PushSumCommunicator:
 
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         sw, src, dst = self.weights()
-        return self._dc.neighbor_allreduce_(tensor, self_weight=sw, src_weights=src,
-                                            dst_weights=dst, name=name)
+        return ops.neighbor_allreduce_(tensor, self_weight=sw, src_weights=src,
+                                      dst_weights=dst, name=name)
 
     def neighbor_allreduce_nonblocking_(
         self, tensor: Tensor, name: str | None = None
     ) -> PendingExchange:
         sw, src, dst = self.weights()
-        return self._dc.neighbor_allreduce_nonblocking_(tensor, self_weight=sw, src_weights=src,
-                                                        dst_weights=dst, name=name)
+        return ops.neighbor_allreduce_nonblocking_(tensor, self_weight=sw, src_weights=src,
+                                                  dst_weights=dst, name=name)
 
     def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
         return self._inner.allreduce_(tensor, average=average, name=name)

@@ -58,6 +58,21 @@ def mpi_flags(mpicc: str) -> dict[str, list[str]]:
     return {"include_dirs": inc, "library_dirs": libdirs, "libraries": libs}
 
 
+def cxx_standard() -> str:
+    """The -std= value for every compiler: c++17, or c++20 where the installed torch's
+    headers demand it (torch 2.14's torch/all.h stops with "C++20 or later compatible
+    compiler is required"; torch 2.13 and older build with C++17)."""
+    import torch
+
+    all_h = (Path(torch.__file__).parent / "include" / "torch" / "csrc" / "api" / "include"
+             / "torch" / "all.h")
+    try:
+        text = all_h.read_text(errors="replace")
+    except OSError:
+        return "c++17"
+    return "c++20" if "C++20 or later" in text else "c++17"
+
+
 def find_nvcc() -> str | None:
     """nvcc from CUDA_HOME / CUDA_PATH, torch's idea of CUDA_HOME, or PATH."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
@@ -148,6 +163,7 @@ def cuda_extension(flags: dict[str, list[str]]):
         # the wheel ships only libnccl.so.2, which -lnccl would not find
         libraries.append("nccl" if libname == "libnccl.so" else f":{libname}")
     macros = [("DECOMM_HAVE_NCCL", "1" if nccl else "0")]
+    std = cxx_standard()
     return CUDAExtension(
         name="decomm._C_cuda",
         sources=sources,
@@ -155,16 +171,18 @@ def cuda_extension(flags: dict[str, list[str]]):
         library_dirs=library_dirs,
         libraries=libraries,
         define_macros=macros,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"],
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3", f"-std={std}", "-Wall", "-Wno-unused-function"],
+                            "nvcc": ["-O3", f"-std={std}", "-lineinfo"]},
         extra_link_args=[f"-Wl,-rpath,{d}" for d in library_dirs],
     )
 
 
 def extensions() -> list:
     flags = mpi_flags(find_mpicc())
+    # The engine (mpi_backend.cpp) and one file per op family (csrc/ops/).
     sources = [f"csrc/{name}" for name in
-               ("common.cpp", "weighted_sum.cpp", "mpi_backend.cpp", "bindings.cpp")]
+               ("common.cpp", "weighted_sum.cpp", "mpi_backend.cpp", "ops/neighbor_allreduce.cpp",
+                "ops/neighbor_allgather.cpp", "ops/collectives.cpp", "bindings.cpp")]
     rpath = [f"-Wl,-rpath,{d}" for d in flags["library_dirs"]]
     exts = [CppExtension(
         name="decomm._C",
@@ -172,7 +190,7 @@ def extensions() -> list:
         include_dirs=[str(ROOT / "csrc"), *flags["include_dirs"]],
         library_dirs=flags["library_dirs"],
         libraries=flags["libraries"],
-        extra_compile_args=["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"],
+        extra_compile_args=["-O3", f"-std={cxx_standard()}", "-Wall", "-Wno-unused-function"],
         extra_link_args=rpath,
     )]
     if want_cuda_extension():

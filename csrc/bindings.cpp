@@ -1,5 +1,6 @@
 // Python bindings of the decomm C++ core (module decomm._C).
 #include "mpi_backend.h"
+#include "py_errors.h"
 #include "weighted_sum.h"
 
 #include <pybind11/stl.h>
@@ -21,14 +22,7 @@ decomm::Peers to_peers(const std::vector<int64_t>& ranks, const std::vector<doub
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "decomm C++ core: MPI neighbour ops and collectives, fused weighted sums";
 
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const decomm::DecommError& e) {
-      py::object cls = py::module_::import("decomm.errors").attr("DecommError");
-      PyErr_SetString(cls.ptr(), e.what());
-    }
-  });
+  decomm::register_error_translator();
 
   m.def("mpi_library_version", []() {
     char buf[MPI_MAX_LIBRARY_VERSION_STRING];

@@ -131,6 +131,26 @@ std::string header_diff(const Header& mine, const Header& theirs, bool ignore_fi
   return os.str();
 }
 
+std::string op_where(int32_t kind, const std::string& name, int rank) {
+  return std::string(op_kind_name(kind)) + " '" + name + "' on rank " + std::to_string(rank);
+}
+
+void check_agreement(const Header* all, int n, const Header& mine, int rank,
+                     bool ignore_first_dim, bool compare_root) {
+  std::ostringstream os;
+  int bad = 0;
+  for (int r = 1; r < n; ++r) {
+    std::string d = header_diff(all[0], all[r], ignore_first_dim, compare_root);
+    if (d.empty()) continue;
+    os << (bad++ ? "; " : "") << "rank " << r << ": " << d;
+  }
+  if (bad) {
+    throw DecommError(op_where(mine.op, mine.name, rank) +
+                      ": ranks called it differently (each entry: that rank's value vs rank "
+                      "0's): " + os.str());
+  }
+}
+
 void check_mpi(int code, const char* what) {
   if (code == MPI_SUCCESS) return;
   char buf[MPI_MAX_ERROR_STRING];

@@ -66,6 +66,17 @@ std::string dtype_name(int32_t dtype);
 std::string header_diff(const Header& mine, const Header& theirs, bool ignore_first_dim,
                         bool compare_root);
 
+// "allreduce 'grad' on rank 3": how every error message names the call.
+std::string op_where(int32_t kind, const std::string& name, int rank);
+
+// The header agreement of a collective, shared by the MPI and NCCL backends:
+// `all[r]` is rank r's header of the call (n ranks, gathered on every rank);
+// raises DecommError, naming `mine`'s call on `rank` and each rank whose
+// header differs from rank 0's and how (same text on every rank), unless all
+// agree. The flags are header_diff's.
+void check_agreement(const Header* all, int n, const Header& mine, int rank,
+                     bool ignore_first_dim, bool compare_root);
+
 // Raise DecommError on an MPI failure code, naming the call.
 void check_mpi(int code, const char* what);
 

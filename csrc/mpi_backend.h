@@ -1,6 +1,10 @@
 // The MPI backend: point-to-point neighbour ops and collectives over a
 // communicator duplicated from the one mpi4py hands us, with a progress
 // thread that drives non-blocking handles while Python computes.
+//
+// csrc/mpi_backend.cpp is the engine (lifecycle, progress thread, op life,
+// housekeeping); each op family is in csrc/ops/: neighbor_allreduce.cpp,
+// neighbor_allgather.cpp, collectives.cpp (what they share: csrc/ops/internal.h).
 #pragma once
 
 #include "common.h"
@@ -95,6 +99,7 @@ class MpiBackend {
   void set_timeout(double s) { timeout_s_ = s; }
   double timeout() const { return timeout_s_; }
   void set_check(bool c) { check_ = c; }
+  bool check() const { return check_; }  // cross-rank header checks on
   bool timeline() const { return timeline_.load(std::memory_order_relaxed); }
   void set_timeline(bool on) { timeline_.store(on, std::memory_order_relaxed); }
 
@@ -186,7 +191,6 @@ class MpiBackend {
 
   friend class Handle;
   friend class Op;
-  friend class NeighborAllreduceOp;
 };
 
 }  // namespace decomm

@@ -4,6 +4,7 @@
 // Built by setup.py only when the installed torch has CUDA and nvcc is found
 // (or DECOMM_WITH_CUDA=1). decomm.backends.built_with_cuda() tells whether it is there.
 #include "common.h"
+#include "py_errors.h"
 #include "weighted_sum.cuh"
 
 #ifndef DECOMM_HAVE_NCCL
@@ -79,14 +80,7 @@ at::Tensor weighted_sum(const at::Tensor& x, double self_w, const std::vector<at
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "decomm CUDA core: fused weighted-sum kernel and the NCCL backend";
 
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const decomm::DecommError& e) {
-      py::object cls = py::module_::import("decomm.errors").attr("DecommError");
-      PyErr_SetString(cls.ptr(), e.what());
-    }
-  });
+  decomm::register_error_translator();
 
   m.def("has_nccl", []() { return DECOMM_HAVE_NCCL != 0; },
         "True when this build includes the NCCL backend");

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -257,7 +258,7 @@ std::chrono::steady_clock::time_point NcclBackend::deadline() const {
 }
 
 std::string NcclBackend::where(int32_t kind, const std::string& name) const {
-  return std::string(op_kind_name(kind)) + " '" + name + "' on rank " + std::to_string(rank_);
+  return op_where(kind, name, rank_);
 }
 
 void NcclBackend::record_failure(const std::string& why) {
@@ -455,18 +456,7 @@ std::vector<Header> NcclBackend::check_collective(const Header& mine, bool ignor
     }
     sched_yield();
   }
-  std::ostringstream os;
-  int bad = 0;
-  for (int r = 1; r < size_; ++r) {
-    std::string d = header_diff((*all)[0], (*all)[r], ignore_first_dim, compare_root);
-    if (d.empty()) continue;
-    os << (bad++ ? "; " : "") << "rank " << r << ": " << d;
-  }
-  if (bad) {
-    throw DecommError(where(mine.op, mine.name) +
-                      ": ranks called it differently (each entry: that rank's value vs rank "
-                      "0's): " + os.str());
-  }
+  check_agreement(all->data(), size_, mine, rank_, ignore_first_dim, compare_root);
   all->pop_back();
   return *all;
 }
@@ -490,6 +480,41 @@ std::shared_ptr<NcclWork> NcclBackend::finish(int32_t kind, const std::string& n
   return w;
 }
 
+// ------------------------------------------------------------------- Launch
+// The scope in which one op is queued, the same for every op. From its
+// construction it holds launch_mu_ (one op is queued at a time: NCCL groups
+// are per thread, and the watchdog aborts only between ops) and has refused a
+// backend that has failed or is closed. on_device(), called once the headers
+// agree, makes this rank's device current and has decomm's stream wait for an
+// event on the caller's current stream, so the op reads its inputs once they
+// are ready; it returns that caller stream, which finish() orders after the op.
+// All of it is undone, in reverse, when the scope ends.
+class NcclBackend::Launch {
+ public:
+  explicit Launch(NcclBackend& be) : be_(be), lock_(be.launch_mu_) {
+    be_.raise_if_failed();
+    if (be_.closed_) throw DecommError("NCCL backend is closed (decomm.shutdown() was called)");
+  }
+  Launch(const Launch&) = delete;
+  Launch& operator=(const Launch&) = delete;
+
+  const c10::cuda::CUDAStream& on_device() {
+    const auto dev = static_cast<c10::DeviceIndex>(be_.device_);
+    guard_.emplace(dev);
+    caller_.emplace(c10::cuda::getCurrentCUDAStream(dev));
+    CudaEvent ready;  // decomm's stream starts once the caller's work so far is done
+    ready.record(caller_->stream());
+    ready.block(be_.stream_.stream());
+    return *caller_;
+  }
+
+ private:
+  NcclBackend& be_;
+  std::lock_guard<std::mutex> lock_;
+  std::optional<c10::cuda::CUDAGuard> guard_;
+  std::optional<c10::cuda::CUDAStream> caller_;
+};
+
 // -------------------------------------------------------- neighbor_allreduce
 std::shared_ptr<NcclHandle> NcclBackend::neighbor_allreduce(
     const at::Tensor& x, const at::Tensor& out, double self_weight,
@@ -497,9 +522,7 @@ std::shared_ptr<NcclHandle> NcclBackend::neighbor_allreduce(
     const std::vector<int64_t>& dst, const std::vector<double>& dst_w, const std::string& name,
     int64_t round, uint64_t topo_hash, bool async) {
   static const std::string op = "neighbor_allreduce";
-  std::lock_guard<std::mutex> launch(launch_mu_);
-  raise_if_failed();
-  if (closed_) throw DecommError("NCCL backend is closed (decomm.shutdown() was called)");
+  Launch launch(*this);
   validate(x, "the tensor", op, name);
   validate(out, "the output", op, name);
   ncclDataType_t nt = ncclFloat32;
@@ -515,15 +538,8 @@ std::shared_ptr<NcclHandle> NcclBackend::neighbor_allreduce(
   Header hdr = make_header(kNeighborAllreduce, p2p_seq_++, x, name, round, topo_hash);
   if (check_) exchange_headers(hdr, src, dst, false);
 
-  const auto dev = static_cast<c10::DeviceIndex>(device_);
-  c10::cuda::CUDAGuard guard(dev);
-  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(dev);
+  const c10::cuda::CUDAStream& caller = launch.on_device();
   const int64_t n = x.numel();
-  {
-    CudaEvent ready;  // decomm's stream starts once x is ready
-    ready.record(caller.stream());
-    ready.block(stream_.stream());
-  }
   std::vector<at::Tensor> recv(src.size());
   std::vector<const void*> payload(dst.size(), x.data_ptr());
   std::vector<at::Tensor> scaled;
@@ -573,18 +589,14 @@ at::Tensor NcclBackend::neighbor_allgather(const at::Tensor& x, const std::vecto
                                            const std::string& name, int64_t round,
                                            uint64_t topo_hash) {
   static const std::string op = "neighbor_allgather";
-  std::lock_guard<std::mutex> launch(launch_mu_);
-  raise_if_failed();
-  if (closed_) throw DecommError("NCCL backend is closed (decomm.shutdown() was called)");
+  Launch launch(*this);
   validate(x, "the tensor", op, name);
   if (x.dim() == 0) throw DecommError(op + " '" + name + "': needs at least one dimension");
   Header hdr = make_header(kNeighborAllgather, p2p_seq_++, x, name, round, topo_hash);
   // Always exchanged: the headers carry each neighbour's first dimension.
   std::vector<Header> theirs = exchange_headers(hdr, src, dst, true);
 
-  const auto dev = static_cast<c10::DeviceIndex>(device_);
-  c10::cuda::CUDAGuard guard(dev);
-  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(dev);
+  const c10::cuda::CUDAStream& caller = launch.on_device();
   int64_t row_bytes = static_cast<int64_t>(x.element_size());
   for (int64_t d = 1; d < x.dim(); ++d) row_bytes *= x.size(d);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -592,11 +604,6 @@ at::Tensor NcclBackend::neighbor_allgather(const at::Tensor& x, const std::vecto
   for (const auto& h : theirs) total += h.shape[0];
   shape[0] = total;
   at::Tensor out = at::empty(shape, x.options());  // the caller's stream owns it
-  {
-    CudaEvent ready;
-    ready.record(caller.stream());
-    ready.block(stream_.stream());
-  }
   auto* base = static_cast<uint8_t*>(out.data_ptr());
   if (row_bytes > 0) {
     group(kNeighborAllgather, name, [&] {
@@ -631,9 +638,7 @@ std::shared_ptr<NcclHandle> NcclBackend::allreduce(const at::Tensor& x, const at
                                                    bool average, const std::string& name,
                                                    bool async) {
   static const std::string op = "allreduce";
-  std::lock_guard<std::mutex> launch(launch_mu_);
-  raise_if_failed();
-  if (closed_) throw DecommError("NCCL backend is closed (decomm.shutdown() was called)");
+  Launch launch(*this);
   validate(x, "the tensor", op, name);
   validate(out, "the output", op, name);
   ncclDataType_t nt = ncclFloat32;
@@ -648,14 +653,7 @@ std::shared_ptr<NcclHandle> NcclBackend::allreduce(const at::Tensor& x, const at
   hdr.flags = average ? 1 : 0;
   if (check_) check_collective(hdr, false, false);
 
-  const auto dev = static_cast<c10::DeviceIndex>(device_);
-  c10::cuda::CUDAGuard guard(dev);
-  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(dev);
-  {
-    CudaEvent ready;
-    ready.record(caller.stream());
-    ready.block(stream_.stream());
-  }
+  const c10::cuda::CUDAStream& caller = launch.on_device();
   const int64_t n = x.numel();
   if (n > 0) {
     group(kAllreduce, name, [&] {
@@ -677,21 +675,12 @@ std::shared_ptr<NcclHandle> NcclBackend::allreduce(const at::Tensor& x, const at
 // ------------------------------------------------------------------ broadcast
 void NcclBackend::broadcast(const at::Tensor& inout, int root, const std::string& name) {
   static const std::string op = "broadcast";
-  std::lock_guard<std::mutex> launch(launch_mu_);
-  raise_if_failed();
-  if (closed_) throw DecommError("NCCL backend is closed (decomm.shutdown() was called)");
+  Launch launch(*this);
   validate(inout, "the tensor", op, name);
   Header hdr = make_header(kBroadcast, coll_seq_++, inout, name, -1, 0);
   hdr.root = root;
   if (check_) check_collective(hdr, false, true);
-  const auto dev = static_cast<c10::DeviceIndex>(device_);
-  c10::cuda::CUDAGuard guard(dev);
-  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(dev);
-  {
-    CudaEvent ready;
-    ready.record(caller.stream());
-    ready.block(stream_.stream());
-  }
+  const c10::cuda::CUDAStream& caller = launch.on_device();
   const int64_t nbytes = nbytes_of(inout);
   if (nbytes > 0) {
     group(kBroadcast, name, [&] {
@@ -708,9 +697,7 @@ void NcclBackend::broadcast(const at::Tensor& inout, int root, const std::string
 // ------------------------------------------------------------------ allgather
 at::Tensor NcclBackend::allgather(const at::Tensor& x, const std::string& name) {
   static const std::string op = "allgather";
-  std::lock_guard<std::mutex> launch(launch_mu_);
-  raise_if_failed();
-  if (closed_) throw DecommError("NCCL backend is closed (decomm.shutdown() was called)");
+  Launch launch(*this);
   validate(x, "the tensor", op, name);
   if (x.dim() == 0) throw DecommError(op + " '" + name + "': needs at least one dimension");
   Header hdr = make_header(kAllgather, coll_seq_++, x, name, -1, 0);
@@ -726,9 +713,7 @@ at::Tensor NcclBackend::allgather(const at::Tensor& x, const std::string& name) 
   }
   check_ = saved;
 
-  const auto dev = static_cast<c10::DeviceIndex>(device_);
-  c10::cuda::CUDAGuard guard(dev);
-  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream(dev);
+  const c10::cuda::CUDAStream& caller = launch.on_device();
   int64_t row_bytes = static_cast<int64_t>(x.element_size());
   for (int64_t d = 1; d < x.dim(); ++d) row_bytes *= x.size(d);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -736,11 +721,6 @@ at::Tensor NcclBackend::allgather(const at::Tensor& x, const std::string& name) 
   for (int r = 0; r < size_; ++r) offsets[r + 1] = offsets[r] + all[r].shape[0];
   shape[0] = offsets[size_];
   at::Tensor out = at::empty(shape, x.options());
-  {
-    CudaEvent ready;
-    ready.record(caller.stream());
-    ready.block(stream_.stream());
-  }
   auto* base = static_cast<uint8_t*>(out.data_ptr());
   const int64_t mine = nbytes_of(x);
   if (row_bytes > 0 && shape[0] > 0) {
@@ -771,9 +751,7 @@ at::Tensor NcclBackend::allgather(const at::Tensor& x, const std::string& name) 
 }
 
 void NcclBackend::barrier() {
-  std::lock_guard<std::mutex> launch(launch_mu_);
-  raise_if_failed();
-  if (closed_) throw DecommError("NCCL backend is closed (decomm.shutdown() was called)");
+  Launch launch(*this);
   MPI_Request req = MPI_REQUEST_NULL;
   check_mpi(MPI_Ibarrier(mpi_, &req), "MPI_Ibarrier");
   const auto dl = deadline();

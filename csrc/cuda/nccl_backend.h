@@ -128,12 +128,17 @@ class NcclBackend : public std::enable_shared_from_this<NcclBackend> {
   void raise_if_failed() const;
 
  private:
+  // The scope of one op being queued: the lock, the failed/closed checks, the
+  // device and the stream ordering after the caller's stream (nccl_backend.cpp).
+  class Launch;
+
   // Exchanges headers with every rank in src and dst (both directions on each
   // edge, so both ends of a mismatched edge find out) and raises on any
   // difference or after the timeout. Returns the headers received from src.
   std::vector<Header> exchange_headers(const Header& mine, const std::vector<int64_t>& src,
                                        const std::vector<int64_t>& dst, bool ignore_first_dim);
-  // Gathers every rank's header; raises (on every rank) if any differ.
+  // Gathers every rank's header; raises (on every rank) if any differ
+  // (decomm::check_agreement, shared with the MPI backend).
   std::vector<Header> check_collective(const Header& mine, bool ignore_first_dim,
                                        bool compare_root);
   void validate(const at::Tensor& t, const char* what, const std::string& op,

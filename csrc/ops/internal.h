@@ -1,0 +1,78 @@
+// What the MPI backend's engine (csrc/mpi_backend.cpp) and its op families
+// (csrc/ops/*.cpp) share: the message tags, the scratch-buffer pool, small
+// helpers, and the single-request op that every collective runs as.
+// Internal to decomm._C; not part of any public header.
+#pragma once
+
+#include "mpi_backend.h"
+
+#include <climits>
+#include <string>
+#include <vector>
+
+namespace decomm {
+namespace detail {
+
+// Point-to-point tags. Every neighbour-op message is tagged with the sender's
+// call number (p2p_seq_), in one of three ranges: the header (with the
+// payload when small), the large payload of neighbor_allreduce, and the data
+// of neighbor_allgather. A receive for call s therefore only ever matches a
+// message of call s: whatever a failed or mismatched call leaves in flight
+// cannot pair with a later call, and is drained (see MpiBackend::housekeeping).
+// neighbor_allreduce and neighbor_allgather share the header range, so a rank
+// making one while its neighbour makes the other gets a clear error.
+constexpr int kTagBye = 105;  // "this rank has shut down after N calls"
+constexpr int kTagSeqBase = 1000;
+constexpr uint32_t kByeMagic = 0xDEC0B1E5u;
+// Width of each tag range: clamped at backend construction to what MPI_TAG_UB allows.
+extern int64_t g_tag_span;
+inline int head_tag(int64_t seq) { return kTagSeqBase + static_cast<int>(seq % g_tag_span); }
+inline int bulk_tag(int64_t seq) {
+  return kTagSeqBase + static_cast<int>(g_tag_span + seq % g_tag_span);
+}
+inline int ng_data_tag(int64_t seq) {
+  return kTagSeqBase + static_cast<int>(2 * g_tag_span + seq % g_tag_span);
+}
+
+// MPI counts are C ints: one message carries at most 2^31-1 bytes here.
+int checked_count(int64_t nbytes, const std::string& what, int rank);
+
+// "[1, 4, 7]"
+std::string join_ranks(const std::vector<int64_t>& v);
+
+// Scratch buffers are reused across calls: training repeats the same sizes
+// every step, and fresh large allocations pay page faults on every call.
+// get() returns a byte tensor of at least max(nbytes, 1) bytes; put() hands it
+// back under the same size (dropped once the pool holds 1 GiB).
+at::Tensor pool_get(int64_t nbytes);
+void pool_put(at::Tensor t, int64_t nbytes);
+
+}  // namespace detail
+
+// One MPI request: an MPI_I* collective (allreduce, broadcast, allgather,
+// barrier, the header gather of check_collective). With `average`, the result
+// is divided by the world size once the request completes.
+class CollectiveOp : public Op {
+ public:
+  CollectiveOp(MpiBackend* be, int32_t kind, const std::string& name, at::Tensor out,
+               bool average, int64_t seq)
+      : Op(be, kind, name, seq), out_(std::move(out)), average_(average) {
+    reqs_.assign(1, MPI_REQUEST_NULL);
+  }
+  MPI_Request* request() { return &reqs_[0]; }
+
+ protected:
+  bool step() override;
+  std::string pending() const override {
+    return "the other ranks to join (every rank must make the same collective call)";
+  }
+  std::string departed() const override;
+  // A pending collective cannot be cancelled; leave it to the dying job.
+  void abandon_requests() override {}
+
+ private:
+  at::Tensor out_;
+  bool average_;
+};
+
+}  // namespace decomm

@@ -1,0 +1,296 @@
+// neighbor_allreduce over MPI: the message protocol (header + payload, one or
+// two messages by size), the mismatch handling, and the fused weighted sum
+// once every message has arrived.
+#include "mpi_backend.h"
+
+#include "ops/internal.h"
+#include "weighted_sum.h"
+
+#include <climits>
+#include <sstream>
+
+namespace decomm {
+
+using namespace detail;
+
+// Small payloads travel in one message with the header in front (an MPI struct
+// datatype over both addresses, nothing staged): a second message per
+// neighbour measured several times slower at small sizes. Large payloads go as
+// a header message plus a contiguous data message, which lets MPI use its
+// single-copy path (the struct type measured ~10x slower at 64 MB). The
+// receiver learns the sender's size from the header, so it can still consume
+// every message when two ranks disagree (and pick different protocols).
+constexpr int64_t kSmallMessage = 64 << 10;
+
+static MPI_Datatype header_plus_payload(const void* hdr, const void* data, int count) {
+  int lens[2] = {static_cast<int>(sizeof(Header)), count};
+  MPI_Aint disp[2];
+  MPI_Get_address(hdr, &disp[0]);
+  MPI_Get_address(data, &disp[1]);
+  MPI_Datatype types[2] = {MPI_BYTE, MPI_BYTE};
+  MPI_Datatype t;
+  check_mpi(MPI_Type_create_struct(2, lens, disp, types, &t), "MPI_Type_create_struct");
+  check_mpi(MPI_Type_commit(&t), "MPI_Type_commit");
+  return t;
+}
+
+static int64_t payload_bytes(const Header& h) {
+  if (h.dtype < 0 || h.numel < 0) return 0;
+  return h.numel * static_cast<int64_t>(c10::elementSize(static_cast<c10::ScalarType>(h.dtype)));
+}
+
+class NeighborAllreduceOp : public Op {
+ public:
+  NeighborAllreduceOp(MpiBackend* be, at::Tensor x, at::Tensor out, double self_w, Peers src,
+                      Peers dst, const std::string& name, Header hdr)
+      : Op(be, kNeighborAllreduce, name, hdr.seq),
+        x_(std::move(x)), out_(std::move(out)), self_w_(self_w),
+        src_(std::move(src)), dst_(std::move(dst)), mine_(hdr) {}
+
+  ~NeighborAllreduceOp() override {
+    if (!finished_.load()) return;  // abandoned: MPI may still own the buffers
+    for (auto& b : pooled_) detail::pool_put(b.first, b.second);
+  }
+
+  void post() {
+    const auto dtype = x_.scalar_type();
+    const int64_t n = x_.numel();
+    nbytes_ = n * static_cast<int64_t>(x_.element_size());
+    count_ = checked_count(nbytes_, "neighbor_allreduce '" + name_ + "'", be_->rank());
+    small_ = nbytes_ <= kSmallMessage;
+    const size_t S = src_.ranks.size(), D = dst_.ranks.size();
+    in_.resize(S);
+    recv_.resize(S);
+    send_hdr_.assign(D, MPI_REQUEST_NULL);
+    send_data_.assign(D, MPI_REQUEST_NULL);
+    MPI_Comm comm = be_->comm();
+    for (size_t s = 0; s < S; ++s) {
+      const int peer = static_cast<int>(src_.ranks[s]);
+      in_[s].hdr.magic = 0;  // so a header that never arrived cannot pass for one
+      recv_[s] = borrow(nbytes_);
+      if (small_) {
+        MPI_Datatype t = header_plus_payload(&in_[s].hdr, recv_[s].data_ptr(), count_);
+        int rc = MPI_Irecv(MPI_BOTTOM, 1, t, peer, head_tag(mine_.seq), comm, &in_[s].head);
+        MPI_Type_free(&t);
+        check_mpi(rc, "MPI_Irecv");
+      } else {
+        // The payload's receive is posted when the header arrives (tagged with
+        // the sender's call number, so it cannot match another call's payload).
+        check_mpi(MPI_Irecv(&in_[s].hdr, sizeof(Header), MPI_BYTE, peer, head_tag(mine_.seq), comm,
+                            &in_[s].head), "MPI_Irecv");
+      }
+    }
+    for (size_t d = 0; d < D; ++d) {
+      const int peer = static_cast<int>(dst_.ranks[d]);
+      const void* payload = x_.data_ptr();
+      if (dst_.weights[d] != 1.0 && n > 0) {
+        at::Tensor scaled = borrow(nbytes_);
+        scaled_copy(scaled.data_ptr(), x_.data_ptr(), dst_.weights[d], n, dtype);
+        payload = scaled.data_ptr();
+      }
+      if (small_) {
+        MPI_Datatype t = header_plus_payload(&mine_, payload, count_);
+        int rc = MPI_Isend(MPI_BOTTOM, 1, t, peer, head_tag(mine_.seq), comm, &send_hdr_[d]);
+        MPI_Type_free(&t);
+        check_mpi(rc, "MPI_Isend");
+      } else {
+        check_mpi(MPI_Isend(&mine_, sizeof(Header), MPI_BYTE, peer, head_tag(mine_.seq), comm,
+                            &send_hdr_[d]), "MPI_Isend");
+        check_mpi(MPI_Isend(payload, count_, MPI_BYTE, peer, bulk_tag(mine_.seq), comm,
+                            &send_data_[d]), "MPI_Isend");
+      }
+      be_->bytes_sent += nbytes_ + static_cast<int64_t>(sizeof(Header));
+    }
+    mark(kTimePosted);
+  }
+
+ protected:
+  bool step() override {
+    bool all_done = true;
+    for (size_t s = 0; s < in_.size(); ++s) {
+      Incoming& in = in_[s];
+      if (in.head != MPI_REQUEST_NULL) {
+        int flag = 0;
+        MPI_Status st;
+        int rc = MPI_Test(&in.head, &flag, &st);
+        if (flag || in.head == MPI_REQUEST_NULL) {
+          on_header(s, st, rc != MPI_SUCCESS);
+        } else {
+          if (rc != MPI_SUCCESS) check_mpi(rc, "MPI_Test");
+          all_done = false;
+        }
+      }
+      if (in.bulk != MPI_REQUEST_NULL) {
+        int flag = 0;
+        MPI_Status st;
+        int rc = MPI_Test(&in.bulk, &flag, &st);
+        if (flag || in.bulk == MPI_REQUEST_NULL) {
+          int got = 0;
+          MPI_Get_count(&st, MPI_BYTE, &got);
+          if ((rc != MPI_SUCCESS || got != count_) && !in.mismatch)
+            fail("in-neighbour " + std::to_string(src_.ranks[s]) + " sent " +
+                 (rc != MPI_SUCCESS ? std::string("more than ") : std::to_string(got) + " of ") +
+                 "the " + std::to_string(nbytes_) + " payload bytes this rank expected");
+          else if (!in.mismatch)
+            be_->bytes_received += got;
+        } else {
+          all_done = false;
+        }
+      }
+    }
+    for (auto* v : {&send_hdr_, &send_data_}) {
+      int flag = 0;
+      check_mpi(MPI_Testall(static_cast<int>(v->size()), v->data(), &flag, MPI_STATUSES_IGNORE),
+                "MPI_Testall");
+      all_done &= flag != 0;
+    }
+    if (!all_done) return false;
+    mark(kTimeArrived);
+    if (!error_.empty()) return true;
+    std::string stray = be_->unexpected_sender(mine_.seq);
+    if (!stray.empty()) {
+      fail(stray);
+      return true;
+    }
+    // Everything has arrived and every send is done, so the output may alias
+    // the input: one fused pass, in a fixed order.
+    const int64_t n = x_.numel();
+    if (n > 0) {
+      std::vector<const void*> rs(recv_.size());
+      for (size_t s = 0; s < recv_.size(); ++s) rs[s] = recv_[s].data_ptr();
+      const int64_t k = static_cast<int64_t>(rs.size());
+      if (k > 0 && is_uniform_mean(self_w_, src_.weights.data(), k))
+        mean_sum(out_.data_ptr(), x_.data_ptr(), rs.data(), k, n, x_.scalar_type());
+      else
+        weighted_sum(out_.data_ptr(), x_.data_ptr(), self_w_, rs.data(), src_.weights.data(), k,
+                     n, x_.scalar_type());
+    }
+    result = out_;
+    return true;
+  }
+
+  std::string pending() const override {
+    std::vector<int64_t> in_missing, out_missing;
+    for (size_t s = 0; s < in_.size(); ++s)
+      if (in_[s].head != MPI_REQUEST_NULL || in_[s].bulk != MPI_REQUEST_NULL)
+        in_missing.push_back(src_.ranks[s]);
+    for (size_t d = 0; d < send_hdr_.size(); ++d)
+      if (send_hdr_[d] != MPI_REQUEST_NULL || send_data_[d] != MPI_REQUEST_NULL)
+        out_missing.push_back(dst_.ranks[d]);
+    std::ostringstream os;
+    if (!in_missing.empty()) os << "in-neighbour(s) " << join_ranks(in_missing) << " to send";
+    if (!out_missing.empty())
+      os << (in_missing.empty() ? "" : " and ") << "out-neighbour(s) " << join_ranks(out_missing)
+         << " to receive";
+    return os.str();
+  }
+
+  std::string departed() const override {
+    std::vector<int64_t> peers;
+    for (size_t s = 0; s < in_.size(); ++s)
+      if (in_[s].head != MPI_REQUEST_NULL) peers.push_back(src_.ranks[s]);
+    for (size_t d = 0; d < send_hdr_.size(); ++d)
+      if (send_hdr_[d] != MPI_REQUEST_NULL || send_data_[d] != MPI_REQUEST_NULL)
+        peers.push_back(dst_.ranks[d]);
+    return be_->departed_peers(peers, mine_.seq, true);
+  }
+
+  void abandon_requests() override {
+    auto drop = [](MPI_Request& r) {
+      if (r == MPI_REQUEST_NULL) return;
+      MPI_Cancel(&r);
+      MPI_Request_free(&r);
+    };
+    for (auto& in : in_) {
+      drop(in.head);
+      drop(in.bulk);
+    }
+    for (auto* v : {&send_hdr_, &send_data_})
+      for (auto& r : *v) drop(r);
+  }
+
+ private:
+  struct Incoming {
+    Header hdr;
+    MPI_Request head = MPI_REQUEST_NULL;  // the header (with the payload when small)
+    MPI_Request bulk = MPI_REQUEST_NULL;  // the payload of a large message
+    bool mismatch = false;
+    at::Tensor drain;
+  };
+
+  bool be_check() const;
+
+  void on_header(size_t s, MPI_Status& st, bool truncated) {
+    Incoming& in = in_[s];
+    const std::string who = "in-neighbour " + std::to_string(src_.ranks[s]);
+    int got = 0;
+    MPI_Get_count(&st, MPI_BYTE, &got);
+    const int64_t expect = static_cast<int64_t>(sizeof(Header)) + (small_ ? nbytes_ : 0);
+    // The header leads the message, so it arrives whole even when the payload
+    // is cut short by a larger message (MPI fills the buffer up to its size).
+    const bool have_header = truncated ? in.hdr.magic == kHeaderMagic
+                                       : got >= static_cast<int>(sizeof(Header));
+    std::string diff;
+    if (have_header && (be_check() || truncated || got != expect))
+      diff = header_diff(mine_, in.hdr, false, false);
+    if (diff.empty() && (truncated || got != expect))
+      diff = "message size (shape or dtype differ)";
+    const int64_t theirs = have_header ? payload_bytes(in.hdr) : 0;
+    // Only a neighbor_allreduce announces a payload on the bulk tags; what a
+    // neighbor_allgather sent instead is drained as a failed call's leftover.
+    const bool their_bulk = have_header && in.hdr.op == kNeighborAllreduce &&
+                            theirs > kSmallMessage && theirs <= INT_MAX;
+    if (diff.empty()) {
+      if (small_) {
+        be_->bytes_received += got;
+      } else {
+        check_mpi(MPI_Irecv(recv_[s].data_ptr(), count_, MPI_BYTE,
+                            static_cast<int>(src_.ranks[s]), bulk_tag(in.hdr.seq), be_->comm(),
+                            &in.bulk), "MPI_Irecv");
+      }
+      return;
+    }
+    fail(who + " called differently: " + diff + " (that rank's value vs this rank's)");
+    in.mismatch = true;
+    if (their_bulk) {
+      // Consume the neighbour's payload message, so nothing is left in flight.
+      in.drain = at::empty({theirs}, at::kByte);
+      check_mpi(MPI_Irecv(in.drain.data_ptr(), static_cast<int>(theirs), MPI_BYTE,
+                          static_cast<int>(src_.ranks[s]), bulk_tag(in.hdr.seq), be_->comm(),
+                          &in.bulk), "MPI_Irecv");
+    }
+  }
+
+  at::Tensor borrow(int64_t nbytes) {
+    at::Tensor t = detail::pool_get(nbytes);
+    pooled_.emplace_back(t, nbytes);
+    keep_alive_.push_back(t);
+    return t;
+  }
+
+  at::Tensor x_, out_;
+  double self_w_;
+  Peers src_, dst_;
+  Header mine_;
+  std::vector<Incoming> in_;
+  std::vector<at::Tensor> recv_;
+  std::vector<MPI_Request> send_hdr_, send_data_;
+  std::vector<std::pair<at::Tensor, int64_t>> pooled_;
+  int64_t nbytes_ = 0;
+  int count_ = 0;
+  bool small_ = true;
+};
+bool NeighborAllreduceOp::be_check() const { return be_->check(); }
+
+std::shared_ptr<Handle> MpiBackend::neighbor_allreduce(const at::Tensor& x, const at::Tensor& out,
+                                                       double self_weight, const Peers& src,
+                                                       const Peers& dst, const std::string& name,
+                                                       int64_t round, uint64_t topo_hash,
+                                                       bool async) {
+  Header hdr = make_header(kNeighborAllreduce, p2p_seq_++, x, name, round, topo_hash);
+  auto op = std::make_shared<NeighborAllreduceOp>(this, x, out, self_weight, src, dst, name, hdr);
+  op->post();
+  return launch(op, async);
+}
+
+}  // namespace decomm

@@ -25,7 +25,14 @@ What it adds, and when:
   one-sided component prints an ``Error`` line at every ``win_create`` on machines
   without UCX-capable hardware; without it, MPI windows use Open MPI's own
   ``rdma`` / ``sm`` components;
-* every ``-x VAR`` / ``-x VAR=VALUE`` the user gave.
+* every ``-x VAR`` / ``-x VAR=VALUE`` the user gave;
+* ``--hostfile FILE`` / ``-H host:slots,...`` as given (multi-host runs: no local
+  oversubscription guess then);
+* ``--rsh-agent AGENT``: the command that starts MPI's daemons on the other hosts in
+  place of plain ``ssh`` (``"ssh -p 2222 -i key"``, a site wrapper, a container or
+  namespace launcher). Open MPI 5 (PRRTE) gets ``--mca plm_ssh_agent AGENT``, Open
+  MPI 4 ``--mca plm_rsh_agent AGENT``, MPICH ``-launcher ssh -launcher-exec AGENT``.
+  The agent is run as ``AGENT [options] HOST COMMAND...``, exactly as ``ssh`` would be.
 
 The full ``mpirun`` line is printed (shell-quoted) to stderr before it runs;
 ``--dry-run`` prints it and exits. The exit status of ``mpirun`` is returned; if
@@ -40,7 +47,9 @@ and none of the Open MPI-only flags.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -57,6 +66,7 @@ __all__ = [
     "LauncherError",
     "build_plan",
     "detect_flavor",
+    "detect_openmpi_major",
     "find_mpirun",
     "local_cpu_count",
     "main",
@@ -128,18 +138,31 @@ def find_mpirun(explicit: str | None = None, env: Mapping[str, str] | None = Non
     )
 
 
-def detect_flavor(mpirun: str) -> str:
-    """Return ``"openmpi"`` or ``"mpich"`` from ``mpirun --version`` (``"openmpi"`` if unsure)."""
+@functools.lru_cache(maxsize=8)
+def _version_text(mpirun: str) -> str:
+    """``mpirun --version`` output, lower-cased (empty if it cannot be run)."""
     try:
         out = subprocess.run(
             [mpirun, "--version"], capture_output=True, text=True, timeout=20, check=False
         )
-        text = (out.stdout + out.stderr).lower()
     except (OSError, subprocess.SubprocessError):
-        return "openmpi"
+        return ""
+    return (out.stdout + out.stderr).lower()
+
+
+def detect_flavor(mpirun: str) -> str:
+    """Return ``"openmpi"`` or ``"mpich"`` from ``mpirun --version`` (``"openmpi"`` if unsure)."""
+    text = _version_text(mpirun)
     if "hydra" in text or "mpich" in text or "intel(r) mpi" in text:
         return "mpich"
     return "openmpi"
+
+
+def detect_openmpi_major(mpirun: str) -> int | None:
+    """Open MPI's major version from ``mpirun --version`` (``"mpirun (Open MPI) 5.0.3"``
+    gives 5), or ``None`` when the output names no Open MPI version."""
+    match = re.search(r"open mpi\)?\s+v?(\d+)\.", _version_text(mpirun))
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -174,6 +197,34 @@ def _osc_chosen(env: Mapping[str, str], exports: Sequence[tuple[str, str | None]
                for a, b in zip(extra, extra[1:]))
 
 
+#: MCA parameters that name the remote-launch agent (Open MPI 5 / PRRTE, Open MPI 4,
+#: and their older spellings): ``--rsh-agent`` together with one of them is ambiguous.
+AGENT_PARAMS: tuple[str, ...] = ("plm_ssh_agent", "plm_rsh_agent", "prte_ssh_agent",
+                                 "pls_ssh_agent", "orte_rsh_agent", "pls_rsh_agent")
+
+
+def _agent_args(agent: str, flavor: str, openmpi_major: int | None,
+                mpi_args: str | None) -> list[str]:
+    """The mpirun arguments that make it start remote daemons with ``agent``."""
+    if not agent.strip():
+        raise LauncherError("--rsh-agent: empty command (give e.g. 'ssh -p 2222')")
+    extra = shlex.split(mpi_args) if mpi_args else []
+    clash = [a for a in extra if a.lstrip("-") in AGENT_PARAMS or a.lstrip("-") in
+             ("launcher-exec", "bootstrap-exec")]
+    if clash:
+        raise LauncherError(f"--rsh-agent {agent!r} and --mpi-args {mpi_args!r} both set "
+                            f"the launch agent ({clash[0]}); give only one")
+    if flavor == "mpich":
+        if len(shlex.split(agent)) != 1:
+            raise LauncherError(
+                f"--rsh-agent {agent!r}: MPICH's Hydra runs the launcher as one executable "
+                "without arguments; put the command in a script and pass its path")
+        return ["-launcher", "ssh", "-launcher-exec", agent]
+    param = "plm_rsh_agent" if openmpi_major is not None and openmpi_major < 5 \
+        else "plm_ssh_agent"
+    return ["--mca", param, agent]
+
+
 def build_plan(
     args: argparse.Namespace,
     mpirun: str,
@@ -182,11 +233,13 @@ def build_plan(
     env: Mapping[str, str] | None = None,
     cpu_count: int | None = None,
     uid: int | None = None,
+    openmpi_major: int | None = None,
 ) -> LaunchPlan:
     """Turn parsed ``decomm-run`` arguments into the ``mpirun`` command line.
 
-    Pure function of its inputs (the environment, CPU count and uid are
-    parameters so that tests can vary them).
+    Pure function of its inputs (the environment, CPU count, uid and Open MPI major
+    version are parameters so that tests can vary them; ``openmpi_major=None``
+    means Open MPI 5 or later).
     """
     env = os.environ if env is None else env
     cpus = local_cpu_count() if cpu_count is None else cpu_count
@@ -218,6 +271,11 @@ def build_plan(
         cmd += ["--hostfile", args.hostfile]
     if args.host:
         cmd += ["--host", args.host]
+    if args.rsh_agent is not None:
+        cmd += _agent_args(args.rsh_agent, flavor, openmpi_major, args.mpi_args)
+        if not remote:
+            notes.append("--rsh-agent without --hostfile/-H: every rank runs on this "
+                         "machine and the agent is not used")
 
     exports: list[tuple[str, str | None]] = []
     if oversub:
@@ -265,6 +323,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="Open MPI/MPICH hostfile (multi-machine runs)")
     p.add_argument("-H", "--host", dest="host", default=None,
                    help="comma-separated host list, e.g. node1:4,node2:4")
+    p.add_argument("--rsh-agent", dest="rsh_agent", default=None, metavar="'AGENT'",
+                   help="command used in place of ssh to start MPI's daemons on the other "
+                        "hosts, run as AGENT HOST COMMAND... (e.g. 'ssh -p 2222'); Open MPI: "
+                        "--mca plm_ssh_agent AGENT")
     p.add_argument("-x", dest="export", action="append", metavar="VAR[=VALUE]",
                    help="export an environment variable to all ranks (repeatable)")
     p.add_argument("--mpirun", default=None, metavar="PATH",
@@ -379,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         mpirun = find_mpirun(args.mpirun)
         flavor = detect_flavor(mpirun)
-        plan = build_plan(args, mpirun, flavor=flavor)
+        major = detect_openmpi_major(mpirun) if flavor == "openmpi" and args.rsh_agent else None
+        plan = build_plan(args, mpirun, flavor=flavor, openmpi_major=major)
     except LauncherError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -132,6 +132,89 @@ def test_bad_arguments(argv: list[str], message: str) -> None:
         _plan(argv)
 
 
+# ----------------------------------------------------------------------------- multi-host
+
+AGENT = "ssh -p 2222 -o StrictHostKeyChecking=no"
+
+
+def test_hosts_and_rsh_agent_openmpi5() -> None:
+    """-H, --hostfile and --rsh-agent: Open MPI 5 (PRRTE) spells the agent plm_ssh_agent;
+    the agent stays one argument (spaces and all), before the program."""
+    plan = _plan(["-np", "4", "-H", "h1:2,h2:2", "--rsh-agent", AGENT, "python", "t.py"],
+                 cpus=2, uid=0)
+    assert plan.argv == ["/opt/mpi/bin/mpirun", "--allow-run-as-root", "--host", "h1:2,h2:2",
+                         "--mca", "plm_ssh_agent", AGENT, "-x", "OMPI_MCA_osc=^ucx",
+                         "-np", "4", "python", "t.py"]
+    assert not plan.oversubscribed  # 4 ranks on 2 local CPUs, but the slots are remote
+    import shlex
+    assert shlex.split(plan.shell_line()) == plan.argv
+    hf = _plan(["-np", "4", "--hostfile", "hosts", "--rsh-agent", "/x/agent", "python", "t.py"])
+    i = hf.argv.index("--hostfile")
+    assert hf.argv[i : i + 5] == ["--hostfile", "hosts", "--mca", "plm_ssh_agent", "/x/agent"]
+    assert not any("not used" in note for note in hf.notes)
+
+
+def test_rsh_agent_openmpi4_and_mpich() -> None:
+    args = launcher.parse_args(["-np", "2", "-H", "a,b", "--rsh-agent", AGENT, "python", "t.py"])
+    old = launcher.build_plan(args, "/m/mpirun", env={}, cpu_count=4, uid=1000, openmpi_major=4)
+    assert old.argv[old.argv.index("--mca") : old.argv.index("--mca") + 3] == [
+        "--mca", "plm_rsh_agent", AGENT]
+    new = launcher.build_plan(args, "/m/mpirun", env={}, cpu_count=4, uid=1000, openmpi_major=5)
+    assert "plm_ssh_agent" in new.argv and "plm_rsh_agent" not in new.argv
+    mpich = _plan(["-np", "2", "-H", "a,b", "--rsh-agent", "/x/agent", "python", "t.py"],
+                  flavor="mpich")
+    i = mpich.argv.index("-launcher")
+    assert mpich.argv[i : i + 4] == ["-launcher", "ssh", "-launcher-exec", "/x/agent"]
+    assert "--mca" not in mpich.argv
+    with pytest.raises(launcher.LauncherError, match="one executable without arguments"):
+        _plan(["-np", "2", "-H", "a,b", "--rsh-agent", AGENT, "python", "t.py"], flavor="mpich")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-np", "2", "-H", "a,b", "--rsh-agent", " ", "python"], "--rsh-agent: empty"),
+    (["-np", "2", "-H", "a,b", "--rsh-agent", "ssh", "--mpi-args", "--mca plm_ssh_agent rsh",
+      "python"], "both set the launch agent"),
+    (["-np", "2", "-H", "a,b", "--rsh-agent", "ssh", "--mpi-args", "--mca plm_rsh_agent rsh",
+      "python"], "plm_rsh_agent"),
+])
+def test_bad_rsh_agent(argv: list[str], message: str) -> None:
+    with pytest.raises(launcher.LauncherError, match=message):
+        _plan(argv)
+
+
+def test_rsh_agent_without_hosts_says_it_is_unused() -> None:
+    plan = _plan(["-np", "2", "--rsh-agent", "ssh", "python", "t.py"], cpus=4)
+    assert any("agent is not used" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("version, param", [
+    ("mpirun (Open MPI) 5.0.11", "plm_ssh_agent"),
+    ("mpirun (Open MPI) 4.1.6", "plm_rsh_agent"),
+    ("mpirun (some MPI)", "plm_ssh_agent"),  # unknown version: assume a current Open MPI
+])
+def test_dry_run_with_hosts_and_agent(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      version: str, param: str) -> None:
+    """main(): the agent parameter follows the installed Open MPI's version."""
+    fake = _fake_mpirun(tmp_path, "exit 9", version=version)
+    rc = launcher.main(["--mpirun", str(fake), "--dry-run", "-np", "4", "-H", "h1:2,h2:2",
+                        "--rsh-agent", "/usr/bin/ssh -p 2222", "python", "t.py"])
+    assert rc == 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--host h1:2,h2:2 --mca {param} '/usr/bin/ssh -p 2222' " in line, line
+    assert not (tmp_path / "args.txt").exists()  # --dry-run ran nothing
+
+
+def test_detect_openmpi_major(tmp_path: Path) -> None:
+    cases = {"mpirun (Open MPI) 5.0.11": 5, "mpirun (Open MPI) 4.1.6": 4,
+             "HYDRA build details: Version: 4.1": None}
+    for i, (text, major) in enumerate(cases.items()):
+        d = tmp_path / str(i)
+        d.mkdir()
+        assert launcher.detect_openmpi_major(str(_fake_mpirun(d, "exit 0", version=text))) \
+            == major, text
+    assert launcher.detect_openmpi_major(str(tmp_path / "missing")) is None
+
+
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         launcher.main(["--version"])

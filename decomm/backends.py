@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["built_with_cuda", "cuda_available", "nccl_available"]
+__all__ = ["built_with_cuda", "cuda_available", "nccl_available", "nccl_built"]
 
 
 def built_with_cuda() -> bool:
@@ -25,9 +25,14 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def nccl_available() -> bool:
-    """True when the NCCL backend was built and CUDA is usable here."""
-    if not cuda_available():
+def nccl_built() -> bool:
+    """True when the CUDA extension was compiled with the NCCL backend (GPU or not)."""
+    if not built_with_cuda():
         return False
     mod = importlib.import_module("decomm._C_cuda")
-    return bool(getattr(mod, "has_nccl", lambda: False)())
+    return bool(getattr(mod, "has_nccl", lambda: False)()) and hasattr(mod, "NcclBackend")
+
+
+def nccl_available() -> bool:
+    """True when the NCCL backend was built and CUDA is usable here."""
+    return cuda_available() and nccl_built()

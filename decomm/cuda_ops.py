@@ -167,12 +167,7 @@ _plan: CudaPlan | None = None
 
 
 def _nccl_built() -> bool:
-    if not backends.built_with_cuda():
-        return False
-    import importlib
-
-    mod = importlib.import_module("decomm._C_cuda")
-    return bool(getattr(mod, "has_nccl", lambda: False)()) and hasattr(mod, "NcclBackend")
+    return backends.nccl_built()
 
 
 def _pick_device(local_rank: int) -> int:

@@ -102,6 +102,11 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     from . import _C
 
     if backend == "nccl" and not _backends.nccl_available():
+        if _backends.built_with_cuda() and _backends.nccl_built():
+            raise DecommError("backend='nccl' requested: this decomm build has the NCCL "
+                              "backend, but no CUDA device is visible here "
+                              "(torch.cuda.is_available() is False); use backend='auto' or "
+                              "'mpi'")
         raise DecommError("backend='nccl' requested, but this decomm build has no NCCL "
                           "backend (built without CUDA); use backend='auto' or 'mpi'")
     _quiet_osc_ucx()

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import decomm
-from decomm import cuda_ops, runtime
+from decomm import _state, cuda_ops
 from decomm import topology as T
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -67,9 +67,7 @@ def assert_close(got: torch.Tensor, want: np.ndarray, dtype: torch.dtype, what: 
 
 
 def init(backend: str, timeout: float = 60.0) -> None:
-    decomm.init(backend=backend, timeout=timeout)
-    if cuda_ops.status()["mode"] is None:  # runtime.init does not call cuda_ops.setup yet
-        cuda_ops.setup(runtime._require(), backend)
+    decomm.init(backend=backend, timeout=timeout)  # sets up the CUDA path too
 
 
 def device() -> torch.device:
@@ -112,7 +110,7 @@ def topologies(n: int):
 # ---------------------------------------------------------------- neighbour ops
 def check_neighbor_allreduce(path: str, bitwise_dtypes: tuple) -> None:
     """Low-level backend (whatever backend_for picks) and, if hooked, the public ops."""
-    state = runtime._require()
+    state = _state.require()
     n, r = decomm.size(), decomm.rank()
     dev = device()
     public = ops_take_cuda()
@@ -180,7 +178,7 @@ def bitwise_reference(path: str, cpu_out: torch.Tensor, xc: torch.Tensor, sw: fl
 
 
 def check_collectives_low_level(path: str) -> None:
-    state = runtime._require()
+    state = _state.require()
     n, r = decomm.size(), decomm.rank()
     dev = device()
     x = rank_value(r, (33,), torch.float32).to(dev)
@@ -281,7 +279,7 @@ def scenario_nccl_single() -> None:
     assert decomm.size() == 1
     st = cuda_ops.status()
     assert st["mode"] == "nccl", st
-    state = runtime._require()
+    state = _state.require()
     dev = device()
     for dtype in DTYPES:
         x = rank_value(3, (1001,), dtype).to(dev)
@@ -309,7 +307,7 @@ def scenario_nccl_single() -> None:
 def check_stream_order_and_handles() -> None:
     """decomm's stream waits for the caller's current stream (x written late on a side
     stream is what gets sent), and the caller's stream waits for the result."""
-    state = runtime._require()
+    state = _state.require()
     n, r = decomm.size(), decomm.rank()
     dev = device()
     side = torch.cuda.Stream(device=dev)
@@ -345,7 +343,7 @@ def check_stream_order_and_handles() -> None:
 def check_mismatch_raises() -> None:
     """Ranks that disagree on the shape get DecommError (before any NCCL work), and the
     communicator keeps working afterwards."""
-    state = runtime._require()
+    state = _state.require()
     n, r = decomm.size(), decomm.rank()
     dev = device()
     decomm.set_topology(T.FullyConnectedGraph(n))
@@ -376,7 +374,7 @@ def scenario_nccl_timeout() -> None:
     if torch.cuda.device_count() < 2 or world_rank_size()[1] != 2:
         skip("needs 2 ranks on 2 GPUs")
     init("nccl", timeout=5.0)
-    state = runtime._require()
+    state = _state.require()
     r = decomm.rank()
     be = cuda_ops.backend_for(state, torch.zeros(1, device=device()), "neighbor_allreduce")
     if r == 0:

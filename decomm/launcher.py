@@ -20,11 +20,13 @@ What it adds, and when:
 * ``-x OMP_NUM_THREADS=1`` (and MKL / OpenBLAS) when oversubscribed, unless the user
   already set that variable: 25 ranks each running a 2-thread BLAS on 2 cores
   thrash badly;
-* ``-x OMPI_MCA_osc=^ucx`` (Open MPI) unless ``OMPI_MCA_osc`` is already set in the
-  environment, by ``-x`` or by ``--mpi-args "--mca osc ..."``: Open MPI's UCX
-  one-sided component prints an ``Error`` line at every ``win_create`` on machines
-  without UCX-capable hardware; without it, MPI windows use Open MPI's own
-  ``rdma`` / ``sm`` components;
+* ``-x OMPI_MCA_osc=^ucx`` (Open MPI, one machine only: no ``--hostfile``/``-H``)
+  unless ``OMPI_MCA_osc`` is already set in the environment, by ``-x`` or by
+  ``--mpi-args "--mca osc ..."``: Open MPI's UCX one-sided component prints an
+  ``Error`` line at every ``win_create`` on machines without UCX-capable hardware;
+  without it, MPI windows use Open MPI's own ``rdma`` / ``sm`` components. Across
+  machines osc/ucx may be the fast path (InfiniBand), so it is left alone there, as
+  ``decomm.init`` does for plain ``mpirun``;
 * every ``-x VAR`` / ``-x VAR=VALUE`` the user gave;
 * ``--hostfile FILE`` / ``-H host:slots,...`` as given (multi-host runs: no local
   oversubscription guess then);
@@ -283,7 +285,7 @@ def build_plan(
             if var not in env:
                 exports.append((var, "1"))
     user_exports = [_split_export(item) for item in args.export or []]
-    if openmpi and not _osc_chosen(env, user_exports, args.mpi_args):
+    if openmpi and not remote and not _osc_chosen(env, user_exports, args.mpi_args):
         exports.append((OSC_VAR, OSC_DEFAULT))
         notes.append(f"{OSC_VAR}={OSC_DEFAULT}: MPI windows use Open MPI's rdma/sm "
                      "one-sided components (set OMPI_MCA_osc to choose others)")

@@ -143,8 +143,8 @@ def test_hosts_and_rsh_agent_openmpi5() -> None:
     plan = _plan(["-np", "4", "-H", "h1:2,h2:2", "--rsh-agent", AGENT, "python", "t.py"],
                  cpus=2, uid=0)
     assert plan.argv == ["/opt/mpi/bin/mpirun", "--allow-run-as-root", "--host", "h1:2,h2:2",
-                         "--mca", "plm_ssh_agent", AGENT, "-x", "OMPI_MCA_osc=^ucx",
-                         "-np", "4", "python", "t.py"]
+                         "--mca", "plm_ssh_agent", AGENT, "-np", "4", "python", "t.py"]
+    # across machines osc/ucx may be the fast one-sided path: left to the user
     assert not plan.oversubscribed  # 4 ranks on 2 local CPUs, but the slots are remote
     import shlex
     assert shlex.split(plan.shell_line()) == plan.argv

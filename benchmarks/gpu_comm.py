@@ -18,7 +18,7 @@ configuration:
 Exactness, per size and rank, before timing: the CUDA result must be bitwise equal to
 the CPU path's on the same input (the staged path runs the CPU kernel), and its error
 against the closed form ``sum_j W[i, j] x_j`` (float64) is reported. With the uniform
-weights of the ring (1/2 or 1/3) the CPU kernel sums in float64 and divides once, so the
+weights of the ring (1/2 or 1/3) the CPU kernel sums in float64 and scales once, so the
 result is also the float64 mean rounded to float32: that is checked bitwise too.
 
 Timing: ``--iters`` calls of the in-place op between barriers, each followed by
@@ -114,7 +114,7 @@ def _worker(args: argparse.Namespace) -> int:
             mean_exact = cpu_equal
         elif uniform:
             mean32 = (np.stack([xs[j].astype(np.float64) for j in np.flatnonzero(nz)]).sum(0)
-                      / nz.sum()).astype(np.float32)
+                      * (1.0 / nz.sum())).astype(np.float32)
             mean_exact = bool(np.array_equal(got.numpy(), mean32))
         else:
             mean_exact = None

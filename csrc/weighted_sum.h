@@ -19,7 +19,7 @@ void weighted_sum(void* out, const void* x, double w_self, const void* const* rs
 // True when every weight (self included) is 1/(k+1): then mean_sum applies.
 bool is_uniform_mean(double w_self, const double* ws, int64_t k);
 
-// out = (x + sum_{j<k} rs[j]) / (k+1), summed in float64 and rounded once.
+// out = (x + sum_{j<k} rs[j]) / (k+1): the sum exact in a wider accumulator, rounded once.
 void mean_sum(void* out, const void* x, const void* const* rs, int64_t k, int64_t n,
               c10::ScalarType t);
 

@@ -163,7 +163,7 @@ def bitwise_reference(path: str, cpu_out: torch.Tensor, xc: torch.Tensor, sw: fl
     The staged path runs the CPU backend itself, so: the CPU path's result. The NCCL
     path runs the CUDA kernel, which weighs every term (``w_self x + sum_j w_j x_j``,
     each product rounded, added in order) and has no uniform-weight path, whereas the
-    CPU backend sums uniform weights ``1/m`` first and divides once (``mean_sum``): for
+    CPU backend sums uniform weights ``1/m`` first and scales once (``mean_sum``): for
     the ring or a full graph the two differ in the last bit. Its CPU twin is the CPU
     weighted-sum kernel (``decomm._C.weighted_sum``, always the weighted form) on the
     same inputs: this rank's tensor and each in-neighbour's (``rank_value(j)``, sent

@@ -104,7 +104,7 @@ def test_message_sent_to_a_rank_that_did_not_expect_it_is_reported():
 
 
 def test_consensus_is_a_fixed_point_in_float32():
-    """Uniform weights: summed first and divided once, so 50.0 stays exactly 50.0."""
+    """Uniform weights: summed first and scaled once, so 50.0 stays exactly 50.0."""
     need(2)
     n = decomm.size()
     decomm.set_topology(T.ExponentialGraph(n))
@@ -123,7 +123,8 @@ def test_uniform_weights_give_the_correctly_rounded_mean():
     got = decomm.neighbor_allreduce(torch.tensor([vals[r]]), name="mean")
     W = topo.matrix(0)
     nbrs = np.flatnonzero(W[r])
-    want = np.float32(vals[nbrs].astype(np.float64).sum() / len(nbrs))
+    # the float64 sum is exact; one product by 1/m, rounded once to float32
+    want = np.float32(vals[nbrs].astype(np.float64).sum() * (1.0 / len(nbrs)))
     assert got.item() == want
 
 

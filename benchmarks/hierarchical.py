@@ -95,8 +95,9 @@ def worker(out_path: str | None, reps: int) -> None:
         row = {"bytes": nbytes, "flat_s": min(tf), "hier_s": min(th)}
         rows.append(row)
         if rank == 0:
-            print(f"  np={n} L={H.machine_local_size()} {human(nbytes):>6}: flat {row['flat_s'] * 1e3:8.3f}"
-                  f" ms  hier {row['hier_s'] * 1e3:8.3f} ms", flush=True)
+            print(f"  np={n} L={H.machine_local_size()} {human(nbytes):>6}: "
+                  f"flat {row['flat_s'] * 1e3:8.3f} ms  hier {row['hier_s'] * 1e3:8.3f} ms",
+                  flush=True)
     if rank == 0 and out_path:
         Path(out_path).write_text(json.dumps({"np": n, "L": H.machine_local_size(), "rows": rows}))
     H.shutdown_machines()

@@ -105,7 +105,7 @@ def resolve_weights(plan: Any, self_weight: Any, src_weights: Any, dst_weights: 
         if (self_weight is None) != (src_weights is None):
             raise ValueError(f"{where}: give self_weight and {src_name} together (or neither, "
                              "to use the topology's weights)")
-        ones = [1.0] * len(plan.dst_ranks)
+        ones = plan.dst_weights
         if self_weight is None:
             return plan.self_weight, plan.src_ranks, plan.src_weights, plan.dst_ranks, ones
         sw = check_weight(self_weight, "self_weight", where)

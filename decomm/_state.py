@@ -26,6 +26,11 @@ class RoundPlan:
     src_ranks: list[int]
     src_weights: list[float]
     dst_ranks: list[int]
+    dst_weights: list[float] = field(default_factory=list)  # 1.0 each: sent unscaled
+
+    def __post_init__(self) -> None:
+        if not self.dst_weights:
+            self.dst_weights = [1.0] * len(self.dst_ranks)
 
 
 def plan_for(topology: Topology, node: int, t: int, cache: dict[int, RoundPlan]) -> RoundPlan:

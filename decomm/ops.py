@@ -194,6 +194,9 @@ def _resolve(self_weight: Any, src_weights: Any, dst_weights: Any, name: str,
     """(self weight, src ranks, src weights, dst ranks, dst weights, round) for this call."""
     state = _state.require()
     plan, t = state.plan()
+    if self_weight is None and src_weights is None and dst_weights is None:  # the hot path
+        return (plan.self_weight, plan.src_ranks, plan.src_weights, plan.dst_ranks,
+                plan.dst_weights, t)
     return (*_checks.resolve_weights(plan, self_weight, src_weights, dst_weights,
                                      _checks.where(op, name, state.rank), me=state.rank,
                                      size=state.size,

@@ -156,7 +156,8 @@ def _to_torch(obj: Any, op: str, name: str) -> tuple[torch.Tensor, Any]:
     """(torch view of obj (CPU or CUDA), function turning a torch result back into obj's type)."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
-        cuda_ops.check_device(t, _checks.where(op, name, _state.require().rank))
+        if t.device.type not in ("cpu", "cuda"):  # the message is built only when needed
+            cuda_ops.check_device(t, _checks.where(op, name, _state.require().rank))
         return t, lambda r: r
     if isinstance(obj, np.ndarray):
         if obj.dtype == np.float16 or obj.dtype.kind in "fiub":

@@ -164,7 +164,14 @@ def main() -> int:
     if args.worker:
         worker(args.json, args.reps)
         return 0
-    return driver([int(x) for x in args.np.split(",")], args.reps, Path(args.out))
+    load_start = os.getloadavg()[0]
+    rc = driver([int(x) for x in args.np.split(",")], args.reps, Path(args.out))
+    load_end = os.getloadavg()[0]
+    if rc == 0:
+        with open(args.out, "a") as f:
+            f.write(f"\nLoad average (1 min): {load_start:.2f} at start, {load_end:.2f} at end. "
+                    "Timings at >= 1 MB varied up to 2x between runs of one build on this VM.\n")
+    return rc
 
 
 if __name__ == "__main__":

@@ -148,13 +148,17 @@ def _get(name: Any, op: str) -> _Window:
     return w
 
 
-def _check_tensor(t: Any, w: _Window, op: str) -> torch.Tensor:
+def _cpu_tensor(t: Any, where: str) -> torch.Tensor:
+    """``t`` if it is a CPU torch tensor (windows live in host memory), else raise."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op} '{w.name}' on rank {w.rank}: expected a torch.Tensor, got "
-                        f"{type(t).__name__}")
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
-        raise DecommError(f"{op} '{w.name}' on rank {w.rank}: windows hold CPU tensors, got one "
-                          f"on {t.device}")
+        raise DecommError(f"{where}: windows hold CPU tensors, got one on {t.device}")
+    return t
+
+
+def _check_tensor(t: Any, w: _Window, op: str) -> torch.Tensor:
+    _cpu_tensor(t, _checks.where(op, w.name, w.rank))
     if t.dtype != w.dtype or tuple(t.shape) != w.shape:
         raise DecommError(f"{op} '{w.name}' on rank {w.rank}: tensor is {tuple(t.shape)} "
                           f"{t.dtype}, but the window holds {w.shape} {w.dtype}")
@@ -190,12 +194,7 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
     if not isinstance(name, str) or not name:
         raise TypeError(f"win_create on rank {st.rank}: name must be a non-empty str, got "
                         f"{name!r}")
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"win_create '{name}' on rank {st.rank}: expected a torch.Tensor, got "
-                        f"{type(tensor).__name__}")
-    if tensor.device.type != "cpu":
-        raise DecommError(f"win_create '{name}' on rank {st.rank}: windows hold CPU tensors, "
-                          f"got one on {tensor.device}")
+    _cpu_tensor(tensor, _checks.where("win_create", name, st.rank))
     if tensor.dtype not in _FLOATS:
         raise TypeError(f"win_create '{name}' on rank {st.rank}: dtype {tensor.dtype} is not "
                         "supported; use float16, bfloat16, float32 or float64")

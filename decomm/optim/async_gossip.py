@@ -11,14 +11,14 @@ from torch import Tensor
 from decomm.errors import DecommError
 
 from ._base import DecentralizedOptimizer, Mix
-from .comm import MPICommunicator, PendingExchange
+from .comm import MPICommunicator, OwnRoundCounter, PendingExchange
 
 __all__ = ["AsyncGossip"]
 
 _counter = itertools.count()  # window names: every rank creates wrappers in the same order
 
 
-class _WinCommunicator:
+class _WinCommunicator(OwnRoundCounter):
     """Mixes through RMA windows: put to out-neighbours, mix what has arrived.
 
     The round counter is this rank's own (ranks run at different speeds); collectives
@@ -40,15 +40,6 @@ class _WinCommunicator:
 
     def topology(self) -> Any:
         return self._inner.topology()
-
-    def current_round(self) -> int:
-        return self._round
-
-    def advance_round(self) -> None:
-        self._round += 1
-
-    def set_round(self, round_: int) -> None:
-        self._round = int(round_)
 
     def create(self, buf: Tensor, name: str) -> None:
         from decomm import win

@@ -130,7 +130,22 @@ class MPICommunicator:
         return ops.allgather(tensor, name=name)
 
 
-class LocalCommunicator:
+class OwnRoundCounter:
+    """The round counter of a communicator that keeps its own (no shared runtime round)."""
+
+    _round: int = 0
+
+    def current_round(self) -> int:
+        return self._round
+
+    def advance_round(self) -> None:
+        self._round += 1
+
+    def set_round(self, round_: int) -> None:
+        self._round = int(round_)
+
+
+class LocalCommunicator(OwnRoundCounter):
     """A single node with nobody to talk to (``W = [[1]]``): every mix is a no-op.
 
     Useful to run a wrapper without MPI (n = 1) and in tests.
@@ -149,15 +164,6 @@ class LocalCommunicator:
 
     def topology(self) -> Any:
         return None
-
-    def current_round(self) -> int:
-        return self._round
-
-    def advance_round(self) -> None:
-        self._round += 1
-
-    def set_round(self, round_: int) -> None:
-        self._round = int(round_)
 
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         return tensor

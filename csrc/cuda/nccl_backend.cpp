@@ -701,17 +701,8 @@ at::Tensor NcclBackend::allgather(const at::Tensor& x, const std::string& name) 
   validate(x, "the tensor", op, name);
   if (x.dim() == 0) throw DecommError(op + " '" + name + "': needs at least one dimension");
   Header hdr = make_header(kAllgather, coll_seq_++, x, name, -1, 0);
-  // Always gathered (whatever check says): they carry every rank's first dimension.
-  const bool saved = check_;
-  check_ = true;
-  std::vector<Header> all;
-  try {
-    all = check_collective(hdr, true, false);
-  } catch (...) {
-    check_ = saved;
-    throw;
-  }
-  check_ = saved;
+  // Gathered and compared whatever check says: they carry every rank's first dimension.
+  const std::vector<Header> all = check_collective(hdr, true, false);
 
   const c10::cuda::CUDAStream& caller = launch.on_device();
   int64_t row_bytes = static_cast<int64_t>(x.element_size());

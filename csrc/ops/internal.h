@@ -49,6 +49,35 @@ void pool_put(at::Tensor t, int64_t nbytes);
 
 }  // namespace detail
 
+// A neighbour op: what it still waits for, said one way for every op family.
+// waiting() lists the in-neighbours whose message has not arrived (with
+// `headers_only`, only those whose header has not: the others made this call
+// and their payload is on its way) and the out-neighbours whose send is not done.
+class NeighborOp : public Op {
+ protected:
+  using Op::Op;
+  virtual void waiting(bool headers_only, std::vector<int64_t>& in,
+                       std::vector<int64_t>& out) const = 0;
+
+  std::string pending() const override {
+    std::vector<int64_t> in, out;
+    waiting(false, in, out);
+    std::string s;
+    if (!in.empty()) s = "in-neighbour(s) " + detail::join_ranks(in) + " to send";
+    if (!out.empty())
+      s += (in.empty() ? "" : " and ") + std::string("out-neighbour(s) ") +
+           detail::join_ranks(out) + " to receive";
+    return s;
+  }
+
+  std::string departed() const override {
+    std::vector<int64_t> in, out;
+    waiting(true, in, out);
+    in.insert(in.end(), out.begin(), out.end());
+    return be_->departed_peers(in, seq_, true);
+  }
+};
+
 // One MPI request: an MPI_I* collective (allreduce, broadcast, allgather,
 // barrier, the header gather of check_collective). With `average`, the result
 // is divided by the world size once the request completes.

@@ -11,11 +11,11 @@ namespace decomm {
 
 using namespace detail;
 
-class NeighborAllgatherOp : public Op {
+class NeighborAllgatherOp : public NeighborOp {
  public:
   NeighborAllgatherOp(MpiBackend* be, at::Tensor x, std::vector<int64_t> src,
                       std::vector<int64_t> dst, const std::string& name, Header hdr)
-      : Op(be, kNeighborAllgather, name, hdr.seq), x_(std::move(x)), src_(std::move(src)),
+      : NeighborOp(be, kNeighborAllgather, name, hdr.seq), x_(std::move(x)), src_(std::move(src)),
         dst_(std::move(dst)), mine_(hdr) {}
 
   void post() {
@@ -118,30 +118,14 @@ class NeighborAllgatherOp : public Op {
     return true;
   }
 
-  std::string pending() const override {
-    std::vector<int64_t> in_missing, out_missing;
+  void waiting(bool headers_only, std::vector<int64_t>& in,
+               std::vector<int64_t>& out) const override {
     for (size_t s = 0; s < src_.size(); ++s)
-      if (hdr_reqs_[s] != MPI_REQUEST_NULL || data_reqs_[s] != MPI_REQUEST_NULL)
-        in_missing.push_back(src_[s]);
+      if (hdr_reqs_[s] != MPI_REQUEST_NULL || (!headers_only && data_reqs_[s] != MPI_REQUEST_NULL))
+        in.push_back(src_[s]);
     for (size_t d = 0; d < dst_.size(); ++d)
       if (send_reqs_[2 * d] != MPI_REQUEST_NULL || send_reqs_[2 * d + 1] != MPI_REQUEST_NULL)
-        out_missing.push_back(dst_[d]);
-    std::ostringstream os;
-    if (!in_missing.empty()) os << "in-neighbour(s) " << join_ranks(in_missing) << " to send";
-    if (!out_missing.empty())
-      os << (in_missing.empty() ? "" : " and ") << "out-neighbour(s) " << join_ranks(out_missing)
-         << " to receive";
-    return os.str();
-  }
-
-  std::string departed() const override {
-    std::vector<int64_t> peers;
-    for (size_t s = 0; s < src_.size(); ++s)
-      if (hdr_reqs_[s] != MPI_REQUEST_NULL) peers.push_back(src_[s]);
-    for (size_t d = 0; d < dst_.size(); ++d)
-      if (send_reqs_[2 * d] != MPI_REQUEST_NULL || send_reqs_[2 * d + 1] != MPI_REQUEST_NULL)
-        peers.push_back(dst_[d]);
-    return be_->departed_peers(peers, mine_.seq, true);
+        out.push_back(dst_[d]);
   }
 
   void abandon_requests() override {

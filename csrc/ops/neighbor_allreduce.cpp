@@ -39,11 +39,11 @@ static int64_t payload_bytes(const Header& h) {
   return h.numel * static_cast<int64_t>(c10::elementSize(static_cast<c10::ScalarType>(h.dtype)));
 }
 
-class NeighborAllreduceOp : public Op {
+class NeighborAllreduceOp : public NeighborOp {
  public:
   NeighborAllreduceOp(MpiBackend* be, at::Tensor x, at::Tensor out, double self_w, Peers src,
                       Peers dst, const std::string& name, Header hdr)
-      : Op(be, kNeighborAllreduce, name, hdr.seq),
+      : NeighborOp(be, kNeighborAllreduce, name, hdr.seq),
         x_(std::move(x)), out_(std::move(out)), self_w_(self_w),
         src_(std::move(src)), dst_(std::move(dst)), mine_(hdr) {}
 
@@ -169,30 +169,14 @@ class NeighborAllreduceOp : public Op {
     return true;
   }
 
-  std::string pending() const override {
-    std::vector<int64_t> in_missing, out_missing;
+  void waiting(bool headers_only, std::vector<int64_t>& in,
+               std::vector<int64_t>& out) const override {
     for (size_t s = 0; s < in_.size(); ++s)
-      if (in_[s].head != MPI_REQUEST_NULL || in_[s].bulk != MPI_REQUEST_NULL)
-        in_missing.push_back(src_.ranks[s]);
+      if (in_[s].head != MPI_REQUEST_NULL || (!headers_only && in_[s].bulk != MPI_REQUEST_NULL))
+        in.push_back(src_.ranks[s]);
     for (size_t d = 0; d < send_hdr_.size(); ++d)
       if (send_hdr_[d] != MPI_REQUEST_NULL || send_data_[d] != MPI_REQUEST_NULL)
-        out_missing.push_back(dst_.ranks[d]);
-    std::ostringstream os;
-    if (!in_missing.empty()) os << "in-neighbour(s) " << join_ranks(in_missing) << " to send";
-    if (!out_missing.empty())
-      os << (in_missing.empty() ? "" : " and ") << "out-neighbour(s) " << join_ranks(out_missing)
-         << " to receive";
-    return os.str();
-  }
-
-  std::string departed() const override {
-    std::vector<int64_t> peers;
-    for (size_t s = 0; s < in_.size(); ++s)
-      if (in_[s].head != MPI_REQUEST_NULL) peers.push_back(src_.ranks[s]);
-    for (size_t d = 0; d < send_hdr_.size(); ++d)
-      if (send_hdr_[d] != MPI_REQUEST_NULL || send_data_[d] != MPI_REQUEST_NULL)
-        peers.push_back(dst_.ranks[d]);
-    return be_->departed_peers(peers, mine_.seq, true);
+        out.push_back(dst_.ranks[d]);
   }
 
   void abandon_requests() override {

@@ -180,20 +180,27 @@ def _ranks_map(obj: Any, what: str, op: str, w: _Window, allowed: Mapping[int, i
 
 # -------------------------------------------------------------- create / free
 @timeline.traced("win_create", phases=False)
-def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool:
+def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False, *,
+               self_init: bool = False) -> bool:
     """Create window ``name`` for ``tensor`` on every rank (collective); returns True.
 
     ``tensor`` (float16/bfloat16/float32/float64, the same shape and dtype on every
     rank) is registered: :func:`win_update` writes the mixed value into it. Each
     in-neighbour slot starts as that neighbour's ``tensor`` (one exchange at
-    creation), or zeros with ``zero_init=True``. Ranks must agree on the name, shape
-    and dtype (checked: a :class:`DecommError` names the ranks that differ).
+    creation), or zeros with ``zero_init=True``, or - ``self_init=True``, BlueFog's
+    convention - a copy of this rank's own ``tensor`` (no exchange; such a slot holds
+    no value of the neighbour yet, so any later put or get from it replaces it).
+    Ranks must agree on the name, shape and dtype (checked: a :class:`DecommError`
+    names the ranks that differ).
     """
     global _atexit_registered
     st = _state.require()
     if not isinstance(name, str) or not name:
         raise TypeError(f"win_create on rank {st.rank}: name must be a non-empty str, got "
                         f"{name!r}")
+    if zero_init and self_init:
+        raise ValueError(f"win_create '{name}' on rank {st.rank}: zero_init and self_init "
+                         "exclude each other (slots start as zeros or as this rank's tensor)")
     _cpu_tensor(tensor, _checks.where("win_create", name, st.rank))
     if tensor.dtype not in _FLOATS:
         raise TypeError(f"win_create '{name}' on rank {st.rank}: dtype {tensor.dtype} is not "
@@ -241,10 +248,13 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
         x = tensor.detach().reshape(-1)
         data[0].copy_(x)
         seqs[0].fill_(1)
+        if self_init:  # version 0: older than any value a neighbour ever exposes
+            for k in range(1, 1 + len(ins)):
+                data[k].copy_(x)
         # One active-target epoch for the initial exchange, closed with NOSUCCEED so
         # that every later access can use passive-target locks.
         win.Fence(MPI.MODE_NOPRECEDE)  # every rank's memory is initialised
-        if not zero_init:
+        if not (zero_init or self_init):
             src = _bytes(torch.cat([seqs[0].view(torch.uint8), x.view(-1).clone()
                                     .view(torch.uint8)]))
             for j, k in remote_slot.items():

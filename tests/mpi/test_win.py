@@ -57,6 +57,25 @@ def test_create_then_update_is_one_gossip_round(k):
     assert torch.allclose(x, want, rtol=0, atol=1e-12)
 
 
+def test_self_init_slots_hold_own_value_until_a_neighbour_writes():
+    # BlueFog's convention: a new window's neighbour slots start as this rank's value,
+    # so an update right after creation returns x_i; a put from j then replaces slot j.
+    n, r = decomm.size(), decomm.rank()
+    topo = T.RingGraph(n)
+    decomm.set_topology(topo)
+    x = value(r).clone()
+    assert W.win_create(x, "s", self_init=True)
+    decomm.barrier()
+    assert torch.equal(W.win_update("s", clone=True), value(r))
+    W.win_put(value(r), "s")
+    decomm.barrier()
+    out = W.win_update("s", clone=True)
+    want = sum(topo.matrix(0)[r, j] * value(j) for j in range(n))
+    assert torch.allclose(out, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="exclude each other"):
+        W.win_create(value(r), "t", zero_init=True, self_init=True)
+
+
 def test_zero_init_put_and_dst_weights():
     n, r = decomm.size(), decomm.rank()
     decomm.set_topology(T.ExponentialGraph(n))

@@ -460,20 +460,35 @@ def allgather(tensor: Any, *, name: str | None = None) -> Any:
 
 
 @timeline.traced("neighbor_allgather")
-def neighbor_allgather(tensor: Any, *, name: str | None = None) -> Any:
+def neighbor_allgather(tensor: Any, *, src_ranks: Any = None, dst_ranks: Any = None,
+                       name: str | None = None) -> Any:
     """Concatenate the in-neighbours' tensors (ascending rank, this rank excluded) on dim 0.
 
     Uses the current round's topology; ranks may differ in the first dimension. With no
     in-neighbours the result has first dimension 0.
+
+    ``src_ranks`` and ``dst_ranks`` (give both, as in BlueFog) override the topology for
+    this call: this rank receives from ``src_ranks``, concatenated in the order given,
+    and sends to ``dst_ranks``. Every rank's lists must match (j in src of i exactly when
+    i in dst of j); an unmatched receive waits until the timeout.
     """
     name = _name(name, "neighbor_allgather")
     state = _state.require()
     t, back = _to_torch(tensor, "neighbor_allgather", name)
     x = t.reshape(1) if t.dim() == 0 else (t if t.is_contiguous() else t.contiguous())
     plan, rnd = state.plan()
+    src, dst = plan.src_ranks, plan.dst_ranks
+    if (src_ranks is None) != (dst_ranks is None):
+        raise ValueError(f"{_checks.where('neighbor_allgather', name, state.rank)}: give "
+                         "src_ranks and dst_ranks together (or neither, for the topology's)")
+    if src_ranks is not None:
+        where = _checks.where("neighbor_allgather", name, state.rank)
+        src = list(_checks.weight_map(src_ranks, "src_ranks", where, me=state.rank,
+                                      size=state.size))
+        dst = sorted(_checks.weight_map(dst_ranks, "dst_ranks", where, me=state.rank,
+                                        size=state.size))
     be = cuda_ops.backend_for(state, x, "neighbor_allgather")
-    return back(be.neighbor_allgather(x, plan.src_ranks, plan.dst_ranks, name, rnd,
-                                      state.topo_hash))
+    return back(be.neighbor_allgather(x, src, dst, name, rnd, state.topo_hash))
 
 
 @timeline.traced("barrier")

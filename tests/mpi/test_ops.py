@@ -255,6 +255,22 @@ def test_neighbor_allgather_concatenates_in_neighbours_in_rank_order():
     assert torch.equal(got, want)
 
 
+def test_neighbor_allgather_with_given_ranks_keeps_the_src_order():
+    # A per-call graph: everyone sends to every other rank; rank r lists its sources in
+    # descending order and gets their (variable-length) tensors in exactly that order.
+    n, r = decomm.size(), decomm.rank()
+    others = [j for j in range(n) if j != r]
+    src = sorted(others, reverse=True)
+    got = decomm.neighbor_allgather(torch.full((r + 1,), float(r)), src_ranks=src,
+                                    dst_ranks=others, name="given")
+    want = torch.cat([torch.full((j + 1,), float(j)) for j in src] or [torch.zeros(0)])
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="together"):
+        decomm.neighbor_allgather(torch.zeros(1), src_ranks=others)
+    with pytest.raises(ValueError, match="itself"):
+        decomm.neighbor_allgather(torch.zeros(1), src_ranks=[r], dst_ranks=[r])
+
+
 def test_barrier_and_stats():
     decomm.barrier()
     decomm.set_topology(T.RingGraph(decomm.size()))

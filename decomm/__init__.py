@@ -14,7 +14,7 @@ Convention: ``W[i, j]`` is the weight rank i gives to the value received from ra
 one round of gossip is ``x <- W @ x``.
 """
 
-from . import hierarchical, timeline, topology, win
+from . import compression, hierarchical, timeline, topology, win
 from ._version import __version__
 from .backends import built_with_cuda, cuda_available, nccl_available
 from .errors import DecommError
@@ -91,6 +91,7 @@ __all__ = [
     "broadcast_",
     "broadcast_parameters",
     "built_with_cuda",
+    "compression",
     "cuda_available",
     "current_round",
     "get_machine_topology",

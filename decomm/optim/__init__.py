@@ -27,6 +27,7 @@ over n virtual nodes in one process with :mod:`decomm.sim`.
 
 from ._base import DecentralizedOptimizer, Mix
 from .async_gossip import AsyncGossip
+from .choco import ChocoSGD
 from .comm import Communicator, LocalCommunicator, MPICommunicator, PendingExchange
 from .d2 import D2
 from .dsgd import DSGD
@@ -39,6 +40,7 @@ __all__ = [
     "D2",
     "DSGD",
     "AsyncGossip",
+    "ChocoSGD",
     "Communicator",
     "DecentralizedOptimizer",
     "GradientTracking",

@@ -2,7 +2,8 @@
 
 Each virtual node has its own model copy, its own torch optimizer wrapped by
 the same wrapper class used under MPI (``DSGD``, ``GradientTracking``, ``D2``,
-``QGDSGDm``), and its own data (the loss function receives the node index).
+``QGDSGDm``, ``ExactDiffusion``, ``PushSum``, ``PushDIGing``), and its own
+data (the loss function receives the node index).
 A step runs the wrappers' *local phase* on every node, mixes the n flat
 communication buffers with the topology's sparse ``W(t)`` (``Y = W(t) @ X``, X
 the n buffers stacked as rows), runs the *finish phase* on every node and
@@ -68,7 +69,8 @@ from decomm.topology import Topology
 __all__ = ["SimNodeCommunicator", "Simulation", "as_topology"]
 
 #: the wrapper classes of decomm.optim that the simulator runs
-SUPPORTED_WRAPPERS = ("DSGD", "GradientTracking", "D2", "QGDSGDm")
+SUPPORTED_WRAPPERS = ("DSGD", "GradientTracking", "D2", "QGDSGDm", "PushSum", "PushDIGing",
+                      "ExactDiffusion")
 
 
 def as_topology(topology: Any) -> Topology:
@@ -93,6 +95,9 @@ class SimNodeCommunicator:
 
     supports_nonblocking = False
     limits_message_size = False  # mixing is in-process: no MPI message size limit
+    #: the Simulation mixes with a wrapper's ``_sim_mixing_matrix(t)`` where it has one
+    #: (the push-sum wrappers' column-stochastic P(t)) instead of the topology's W(t)
+    honours_mixing_matrix = True
 
     def __init__(self, sim: Simulation, node: int) -> None:
         self._sim = sim
@@ -151,9 +156,11 @@ class Simulation:
         make_optimizer: ``(model) -> torch.optim.Optimizer`` for one node.
         wrapper_cls: the decomm.optim wrapper class (default ``DSGD``): one of
             the synchronous wrappers ``DSGD``, ``GradientTracking``, ``D2``,
-            ``QGDSGDm`` or a subclass.  ``AsyncGossip`` (one-sided windows, no
-            common round) and ``PushSum`` (column-stochastic, sender-scaled
-            messages) need the MPI runtime; a ``TypeError`` says so.
+            ``QGDSGDm``, ``ExactDiffusion``, ``PushSum`` (``overlap`` included),
+            ``PushDIGing`` or a subclass; the push-sum wrappers are mixed with
+            their column-stochastic ``P(t)`` (built from the topology's graph or
+            their ``weights=``), not with ``W(t)``.  ``AsyncGossip`` (one-sided
+            windows, no common round) needs the MPI runtime; a ``TypeError`` says so.
         identical_init: start every node from node 0's parameters (what the
             MPI wrappers' constructor broadcast does).
         **wrapper_kwargs: passed to every wrapper (``communicate_every``,
@@ -255,7 +262,17 @@ class Simulation:
         return w
 
     def _apply(self, x: Tensor) -> Tensor:
-        """``W(round) @ x`` for the stacked ``(n, D)`` buffers ``x``."""
+        """``W(round) @ x`` for the stacked ``(n, D)`` buffers ``x``.
+
+        A wrapper with a ``_sim_mixing_matrix(t)`` (push-sum: a column-stochastic
+        ``P(t)`` as a float64 ``scipy.sparse`` matrix) is mixed with that instead.
+        """
+        custom = getattr(self.optimizers[0], "_sim_mixing_matrix", None)
+        if custom is not None:
+            m = custom(self.round)
+            np_dtype = torch.empty(0, dtype=x.dtype).numpy().dtype
+            return torch.from_numpy(np.ascontiguousarray(
+                m.astype(np_dtype) @ x.cpu().numpy())).to(x.device)
         w = self.mixing_matrix(self.round, x.dtype)
         if _sp is not None and x.device.type == "cpu":
             return torch.from_numpy(np.ascontiguousarray(w @ x.numpy()))

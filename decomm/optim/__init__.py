@@ -31,8 +31,10 @@ from .choco import ChocoSGD
 from .comm import Communicator, LocalCommunicator, MPICommunicator, PendingExchange
 from .d2 import D2
 from .dsgd import DSGD
+from .exact_diffusion import ExactDiffusion
 from .gradient_tracking import GradientTracking
 from .monitor import consensus_distance
+from .push_digging import PushDIGing
 from .push_sum import PushSum
 from .qgm import QGDSGDm
 
@@ -43,11 +45,13 @@ __all__ = [
     "ChocoSGD",
     "Communicator",
     "DecentralizedOptimizer",
+    "ExactDiffusion",
     "GradientTracking",
     "LocalCommunicator",
     "MPICommunicator",
     "Mix",
     "PendingExchange",
+    "PushDIGing",
     "PushSum",
     "QGDSGDm",
     "consensus_distance",

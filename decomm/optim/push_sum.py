@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,10 +14,10 @@ from ..errors import DecommError
 from ._base import DecentralizedOptimizer, Mix
 from .comm import Communicator, MPICommunicator, PendingExchange
 
-__all__ = ["PushSum"]
+__all__ = ["PushSum", "PushWeights", "push_communicator"]
 
 
-def _push_topology(weights: Any, n: int) -> Any:
+def _push_topology(weights: Any, n: int, owner: str = "PushSum") -> Any:
     """A Topology whose round t is P(t)ᵀ (row-stochastic iff P(t) is column-stochastic)."""
     from decomm.topology import Topology
 
@@ -27,21 +28,100 @@ def _push_topology(weights: Any, n: int) -> Any:
     for k, m in enumerate(mats):
         a = m.detach().cpu().numpy() if isinstance(m, Tensor) else np.asarray(m, dtype=np.float64)
         if a.ndim != 2 or a.shape != (n, n):
-            raise ValueError(f"PushSum weights[{k}]: expected an {n} x {n} matrix "
+            raise ValueError(f"{owner} weights[{k}]: expected an {n} x {n} matrix "
                              f"(decomm.size() = {n}), got shape {a.shape}")
         if not np.isfinite(a).all() or (a < 0).any():
-            raise ValueError(f"PushSum weights[{k}]: entries must be finite and non-negative")
+            raise ValueError(f"{owner} weights[{k}]: entries must be finite and non-negative")
         cols = a.sum(axis=0)
         bad = np.flatnonzero(np.abs(cols - 1.0) > 1e-9 * max(n, 1))
         if bad.size:
             j = int(bad[0])
-            raise ValueError(f"PushSum weights[{k}]: column {j} sums to {cols[j]:.12g}, not 1; "
+            raise ValueError(f"{owner} weights[{k}]: column {j} sums to {cols[j]:.12g}, not 1; "
                              "push-sum needs column-stochastic P (P[i, j] = the share of node "
                              "j's mass sent to node i)")
         out.append(a.T.copy())
     if not out:
-        raise ValueError("PushSum weights: give at least one matrix")
+        raise ValueError(f"{owner} weights: give at least one matrix")
     return Topology.from_matrices(out, name="push-sum P^T")
+
+
+class PushWeights:
+    """Round ``t``'s column-stochastic push matrix ``P(t)``, per rank or whole.
+
+    ``P[j, i]`` is the share of node i's mass sent to node j.  ``push`` is the
+    :class:`~decomm.topology.Topology` of ``P(t)ᵀ`` (the ``weights=`` given to the
+    wrapper, see :func:`_push_topology`), or ``None``: the uniform split over the
+    graph of round t of ``topology()`` (the runtime's or the simulation's), ``P[j, i]
+    = 1 / (outdeg_i(t) + 1)`` for j in ``{i} ∪ out(i)``.  :meth:`of` serves one rank
+    (the MPI messages); :meth:`matrix` the whole ``P(t)`` (the simulator's mix).
+    """
+
+    def __init__(self, topology: Callable[[], Any], push: Any) -> None:
+        self._topology = topology
+        self._push = push
+        self._cache: dict[tuple, tuple] = {}
+        self._matrices: dict[tuple, Any] = {}
+
+    def of(self, i: int, t: int) -> tuple[float, dict[int, float], dict[int, float]]:
+        """(``P[i, i]``, src_weights ``{j: 1}``, dst_weights ``{j: P[j, i]}``) of rank i."""
+        if self._push is None:
+            topo = self._topology()
+            key = (id(topo), topo.round_index(t), i)
+            hit = self._cache.get(key)
+            if hit is None:
+                out = topo.out_neighbors(i, t)
+                share = 1.0 / (len(out) + 1)
+                hit = (share, {j: 1.0 for j in topo.in_neighbors(i, t)},
+                       {j: share for j in out})
+                if len(self._cache) > 256:
+                    self._cache.clear()
+                self._cache[key] = hit
+            return hit
+        key = ("P", self._push.round_index(t), i)
+        hit = self._cache.get(key)
+        if hit is None:
+            keep, sends = self._push.weights(i, t)  # row i of Pᵀ = column i of P
+            ins = self._push.out_neighbors(i, t)  # j with Pᵀ[j, i] = P[i, j] > 0
+            hit = (keep, {j: 1.0 for j in ins}, dict(sends))
+            if len(self._cache) > 256:
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    def matrix(self, t: int) -> Any:
+        """``P(t)`` as a float64 ``scipy.sparse.csr_matrix`` (cached per round index).
+
+        The same entries :meth:`of` gives every rank: the uniform split is built
+        from the stored pattern of ``W(t)`` (``topology.sparse(t)``), which is what
+        ``in_neighbors`` / ``out_neighbors`` read.
+        """
+        import scipy.sparse as sp
+
+        if self._push is not None:
+            key: tuple = ("P", self._push.round_index(t))
+        else:
+            topo = self._topology()
+            key = (id(topo), topo.round_index(t))
+        hit = self._matrices.get(key)
+        if hit is not None:
+            return hit
+        if self._push is not None:
+            r = self._push.sparse(t)
+            pt = sp.csr_matrix((np.array(r.data), np.array(r.indices), np.array(r.indptr)),
+                               shape=(r.n, r.n))
+            mat = pt.T.tocsr()
+        else:
+            r = topo.sparse(t)
+            n = r.n
+            pattern = sp.csr_matrix((np.ones(len(r.indices)), np.array(r.indices),
+                                     np.array(r.indptr)), shape=(n, n))
+            pattern = ((pattern + sp.identity(n, format="csr")) > 0).astype(np.float64)
+            share = 1.0 / np.asarray(pattern.sum(axis=0)).ravel()  # 1 / (outdeg + 1)
+            mat = (pattern @ sp.diags(share)).tocsr()
+        if len(self._matrices) > 16:  # random families: keep a few rounds
+            self._matrices.clear()
+        self._matrices[key] = mat
+        return mat
 
 
 class _PushSumCommunicator:
@@ -52,14 +132,26 @@ class _PushSumCommunicator:
     what its in-neighbours send unweighted (``src_weights = 1``). With ``P`` the
     default uniform split, ``P[j, i] = 1 / (outdeg_i(t) + 1)`` over the runtime
     topology's out-neighbours of round t plus i itself.
+
+    With ``overlap=True`` (:class:`PushSum` with ``overlap``) :meth:`neighbor_allreduce_`
+    only *starts* the exchange, non-blocking and without the self share (``self_weight
+    = 0``: the wrapper keeps ``P[i, i]`` of its mass itself), and keeps its handle for
+    the wrapper to collect with :meth:`take_started`.
     """
 
     supports_nonblocking = False
 
-    def __init__(self, inner: MPICommunicator, push: Any) -> None:
+    def __init__(self, inner: MPICommunicator, weights: PushWeights,
+                 overlap: bool = False) -> None:
         self._inner = inner
-        self._push = push  # None = uniform split over the runtime topology; else P(t)ᵀ
-        self._cache: dict[tuple, tuple] = {}
+        self._weights = weights
+        self.overlap = overlap
+        self._started: list[PendingExchange] = []
+
+    def take_started(self) -> list[PendingExchange]:
+        """The handles of the exchanges started since the last call (overlap mode)."""
+        out, self._started = self._started, []
+        return out
 
     def rank(self) -> int:
         return self._inner.rank()
@@ -81,32 +173,14 @@ class _PushSumCommunicator:
 
     def weights(self) -> tuple[float, dict[int, float], dict[int, float]]:
         """(self weight, src_weights, dst_weights) of this rank for the current round."""
-        t = self.current_round()
-        i = self.rank()
-        if self._push is None:
-            topo = self._inner.topology()
-            key = (id(topo), topo.round_index(t))
-            hit = self._cache.get(key)
-            if hit is None:
-                out = topo.out_neighbors(i, t)
-                share = 1.0 / (len(out) + 1)
-                hit = (share, {j: 1.0 for j in topo.in_neighbors(i, t)},
-                       {j: share for j in out})
-                if len(self._cache) > 256:
-                    self._cache.clear()
-                self._cache[key] = hit
-            return hit
-        key = ("P", self._push.round_index(t))
-        hit = self._cache.get(key)
-        if hit is None:
-            keep, sends = self._push.weights(i, t)  # row i of Pᵀ = column i of P
-            ins = self._push.out_neighbors(i, t)  # j with Pᵀ[j, i] = P[i, j] > 0
-            hit = (keep, {j: 1.0 for j in ins}, dict(sends))
-            self._cache[key] = hit
-        return hit
+        return self._weights.of(self.rank(), self.current_round())
 
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         sw, src, dst = self.weights()
+        if self.overlap:  # start only; the wrapper completes it τ steps later
+            self._started.append(ops.neighbor_allreduce_nonblocking_(
+                tensor, self_weight=0.0, src_weights=src, dst_weights=dst, name=name))
+            return tensor
         return ops.neighbor_allreduce_(tensor, self_weight=sw, src_weights=src,
                                       dst_weights=dst, name=name)
 
@@ -127,8 +201,68 @@ class _PushSumCommunicator:
         return self._inner.allgather(tensor, name=name)
 
 
-class PushSum(DecentralizedOptimizer):
-    r"""Stochastic Gradient Push (push-sum SGD) for directed graphs.
+def push_communicator(owner: str, communicator: Communicator | None, weights: Any,
+                      overlap: bool = False) -> tuple[Communicator, PushWeights]:
+    """The communicator a push-sum wrapper mixes through, and its :class:`PushWeights`.
+
+    Under MPI (``communicator`` ``None`` or an :class:`MPICommunicator`) the messages
+    are sender-scaled by ``P(t)`` (:class:`_PushSumCommunicator`), after checking that
+    every rank passed the same ``weights``.  A communicator whose mixing is done in
+    process by someone who asks the wrapper for its matrix
+    (``honours_mixing_matrix = True``: :mod:`decomm.sim`'s) is used as is; the
+    simulator then mixes with the wrapper's ``_sim_mixing_matrix(t)``.  Anything else
+    mixes with a row-stochastic ``W`` only: ``TypeError``.
+    """
+    inner = communicator if communicator is not None else MPICommunicator()
+    in_process = bool(getattr(inner, "honours_mixing_matrix", False))
+    if not isinstance(inner, MPICommunicator) and not in_process:
+        raise TypeError(
+            f"{owner} runs on the MPI runtime (decomm.init()) or in decomm.sim; got "
+            f"communicator {type(inner).__name__}, which mixes with a row-stochastic W only")
+    push = None if weights is None else _push_topology(weights, inner.size(), owner)
+    if push is not None and inner.size() > 1 and not in_process:
+        table = _agree.gather_rows(inner.allgather, [_agree.topology_digest(push)],
+                                   f"decomm.optim.{owner}.weights")
+        differ = _agree.differing_ranks(table)
+        if differ:
+            raise DecommError(f"{owner}: ranks {differ} passed different push weights "
+                              "than rank 0; every rank must pass the same P")
+    pw = PushWeights(inner.topology, push)
+    if in_process:
+        return inner, pw
+    assert isinstance(inner, MPICommunicator)
+    return _PushSumCommunicator(inner, pw, overlap), pw
+
+
+class _PushMixing:
+    """What the push-sum wrappers share: the weights of ``P(t)`` and the simulator hook."""
+
+    _pw: PushWeights
+    _comm: Communicator
+
+    def _sim_mixing_matrix(self, t: int) -> Any:
+        """The matrix the simulator mixes this wrapper's buffers with in round ``t``."""
+        return self._pw.matrix(t)
+
+    def push_sum_weights(self) -> tuple[float, dict[int, float], dict[int, float]]:
+        """(kept share ``P[i, i]``, src_weights, dst_weights ``{j: P[j, i]}``) this rank
+        uses in the current round."""
+        return self._pw.of(self._comm.rank(), self._comm.current_round())
+
+
+def _check_overlap(overlap: Any) -> int:
+    if overlap is True:
+        return 1
+    if overlap is False:
+        return 0
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise ValueError(f"PushSum overlap must be a bool or an int tau >= 0 (the number of "
+                         f"communicating steps an exchange stays in flight), got {overlap!r}")
+    return int(overlap)
+
+
+class PushSum(_PushMixing, DecentralizedOptimizer):
+    r"""Stochastic Gradient Push (push-sum SGD) for directed graphs, optionally overlapped.
 
     Assran, Loizou, Ballas, Rabbat, "Stochastic Gradient Push for Distributed Deep
     Learning" (ICML 2019); push-sum averaging: Kempe, Dobra, Gehrke (FOCS 2003).
@@ -155,54 +289,70 @@ class PushSum(DecentralizedOptimizer):
     pass ``weights=``: one column-stochastic ``n x n`` matrix, or a list used in turn
     (round ``t`` uses ``weights[t mod len]``); every rank must pass the same.
 
+    **Overlap** (``overlap=True``, or an int ``τ ≥ 1``): Overlap SGP, Algorithm 2 of
+    Assran et al. (2019).  The exchange of communicating step ``c`` is *started*
+    (non-blocking) at the end of step ``c`` and completed at the end of step
+    ``c + τ``, so it runs during the next ``τ`` forward/backward passes; the node
+    keeps its own share at once::
+
+        x_i^{c+1/2} = w_i^c z_i^c − u_i^c                  (send P[j, i] x_i^{c+1/2},
+                                                             P[j, i] w_i^c to each j)
+        x_i^{c+1}   = P(c)[i, i] x_i^{c+1/2} + Σ_{j≠i} P(c−τ)[i, j] x_j^{c−τ+1/2}
+        w_i^{c+1}   = P(c)[i, i] w_i^c       + Σ_{j≠i} P(c−τ)[i, j] w_j^{c−τ}
+        z_i^{c+1}   = x_i^{c+1} / w_i^{c+1}
+
+    (the sum is empty while ``c < τ``).  Mass is conserved counting what is in
+    flight, and the weight ``w`` rides in the same delayed message, so ``z = x / w``
+    stays de-biased.  ``τ = 0`` is plain SGP.  Local steps (``communicate_every``)
+    neither start nor complete exchanges; a global step (``global_every``) first
+    completes every exchange in flight, then averages exactly.  :meth:`flush`
+    completes and applies every exchange in flight (``close()`` calls it): call it
+    before evaluating the final model.  Under MPI the exchange uses
+    ``decomm.neighbor_allreduce_nonblocking_`` (sender-scaled, ``self_weight = 0``);
+    in :mod:`decomm.sim` the simulator mixes with ``P(c) − diag(P(c))`` and the
+    result waits ``τ`` steps in the same buffer.  The in-flight messages are part of
+    :meth:`state_dict` (``"in_flight"``), so a resumed run is exact.  Memory: ``τ + 1``
+    message buffers of ``numel + 1`` per dtype.
+
     The weight travels with the message: one ``neighbor_allreduce_`` per dtype of
     ``numel + 1`` elements (the parameters and ``w``), sender-scaled with
     ``dst_weights``. Cost per step beyond the inner step: three passes over the
-    parameters (``x = w z``, the copy into the message, ``z = x / w``). A global
-    step (``global_every``) averages ``x`` and ``w`` exactly, giving ``z = x̄ / w̄``.
+    parameters (``x = w z``, the copy into the message, ``z = x / w``), one more with
+    overlap (adding the completed message). A global step (``global_every``) averages
+    ``x`` and ``w`` exactly, giving ``z = x̄ / w̄``.
 
-    Needs the MPI runtime (the simulator mixes with row-stochastic ``W`` only).
+    Runs under MPI and in :mod:`decomm.sim` (which mixes with ``P(t)`` itself).
     """
 
     _stateful = True
-    _simulation_unsupported = (
-        "PushSum mixes with a column-stochastic P through sender-scaled MPI messages; "
-        "the simulator mixes with a row-stochastic W only"
-    )
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         *,
         weights: Any = None,
+        overlap: bool | int = False,
         communicate_every: int = 1,
         global_every: int | None = None,
         broadcast_parameters: bool = True,
         check_parameters: bool = True,
         communicator: Communicator | None = None,
     ) -> None:
-        inner = communicator if communicator is not None else MPICommunicator()
-        if not isinstance(inner, MPICommunicator):
-            raise TypeError(
-                f"PushSum runs on the MPI runtime (decomm.init()); got communicator "
-                f"{type(inner).__name__}, which mixes with a row-stochastic W only")
-        push = None if weights is None else _push_topology(weights, inner.size())
-        if push is not None and inner.size() > 1:
-            table = _agree.gather_rows(inner.allgather, [_agree.topology_digest(push)],
-                                       "decomm.optim.PushSum.weights")
-            differ = _agree.differing_ranks(table)
-            if differ:
-                raise DecommError(f"PushSum: ranks {differ} passed different push weights "
-                                     "than rank 0; every rank must pass the same P")
+        self.overlap: int = _check_overlap(overlap)
+        comm, self._pw = push_communicator("PushSum", communicator, weights, self.overlap > 0)
         self._w: list[Tensor] = []
         self._msg: list[Tensor] = []
+        self._slots: list[list[Tensor]] = []
+        #: exchanges in flight, oldest first: (slot, MPI handles or None when mixed already)
+        self._queue: list[tuple[int, list[PendingExchange] | None]] = []
+        self._slot = 0
         super().__init__(
             optimizer,
             communicate_every=communicate_every,
             global_every=global_every,
             broadcast_parameters=broadcast_parameters,
             check_parameters=check_parameters,
-            communicator=_PushSumCommunicator(inner, push),
+            communicator=comm,
         )
 
     # ----------------------------------------------------------------- state
@@ -211,24 +361,55 @@ class PushSum(DecentralizedOptimizer):
 
     def _setup(self) -> None:
         self._w = [torch.ones((), dtype=torch.float64) for _ in self._buckets]
-        self._msg = [torch.zeros(b.numel + 1, dtype=b.dtype, device=b.device)
-                     for b in self._buckets]
+
+        def message() -> list[Tensor]:
+            return [torch.zeros(b.numel + 1, dtype=b.dtype, device=b.device)
+                    for b in self._buckets]
+
+        self._slots = [message() for _ in range(self.overlap + 1)]
+        self._msg = self._slots[0]
+        self._queue = []
+        self._slot = 0
+        if isinstance(self._comm, _PushSumCommunicator):
+            self._comm.take_started()
 
     def _state_tensors(self) -> dict[str, list[Tensor]]:
-        return {"push_sum_weight": self._w}
+        if not self.overlap:
+            return {"push_sum_weight": self._w}
+        self._complete_pending()  # the saved messages must be final
+        return {"push_sum_weight": self._w,
+                "in_flight": [m for slot in self._slots for m in slot]}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"in_flight_slots": [s for s, _ in self._queue]} if self.overlap else {}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        if self.overlap:
+            slots = [int(s) for s in extra.get("in_flight_slots", [])]
+            if len(slots) > self.overlap:
+                raise ValueError(f"PushSum.load_state_dict: the state_dict has {len(slots)} "
+                                 f"exchanges in flight, more than overlap={self.overlap}")
+            self._queue = [(s, None) for s in slots]
 
     @property
     def push_weights(self) -> list[float]:
         """This rank's push-sum weight ``w`` per bucket (all equal; 1 at the start)."""
         return [float(w) for w in self._w]
 
-    def push_sum_weights(self) -> tuple[float, dict[int, float], dict[int, float]]:
-        """(kept share, src_weights, dst_weights) this rank uses in the current round."""
-        comm = self._comm
-        assert isinstance(comm, _PushSumCommunicator)
-        return comm.weights()
+    @property
+    def in_flight(self) -> int:
+        """Number of exchanges started and not yet applied (overlap mode; else 0)."""
+        return len(self._queue)
 
     # ---------------------------------------------------------------- phases
+    def _sim_mixing_matrix(self, t: int) -> Any:
+        mat = self._pw.matrix(t)
+        if not self.overlap:
+            return mat
+        off = mat.tolil()
+        off.setdiag(0.0)  # the self share is kept at once, only the rest travels
+        return off.tocsr()
+
     def _mix_buffers(self) -> list[Tensor]:
         return self._msg
 
@@ -239,20 +420,90 @@ class PushSum(DecentralizedOptimizer):
             self._inner_step()  # x − u, u from the gradient at z
             if mix is Mix.NONE:
                 return
+            if self.overlap and mix is Mix.GLOBAL:
+                self._drain(len(self._queue))  # an exact average includes all mass
+            if self.overlap:
+                busy = {s for s, _ in self._queue}
+                self._slot = next(s for s in range(self.overlap + 1) if s not in busy)
+                self._msg = self._slots[self._slot]
             for b, w, m in zip(self._buckets, self._w, self._msg):
                 m[: b.numel].copy_(b.flat)
                 m[b.numel] = float(w)
+            if self.overlap and mix is Mix.NEIGHBOR:
+                keep = float(self.push_sum_weights()[0])
+                for b, w in zip(self._buckets, self._w):
+                    b.flat.mul_(keep)  # P[i, i] x^{c+1/2}: kept at once
+                    w.mul_(keep)
 
     def _finish_phase(self, mix: Mix) -> None:
         with torch.no_grad():
+            if self.overlap and mix is Mix.NEIGHBOR:
+                started = (self._comm.take_started()
+                           if isinstance(self._comm, _PushSumCommunicator) else None)
+                self._queue.append((self._slot, started or None))
+                self._drain(len(self._queue) - self.overlap)
+                self._divide()
+                return
             for k, (b, m) in enumerate(zip(self._buckets, self._msg)):
                 if mix is not Mix.NONE:
                     w = float(m[b.numel])
-                    if not w > 0.0:
-                        raise DecommError(
-                            f"PushSum: push-sum weight became {w} on rank {self._comm.rank()} "
-                            "(a node with no incoming mass: is the graph strongly connected?)")
+                    self._check_weight(w)
                     self._w[k].fill_(w)
                     torch.div(m[: b.numel], w, out=b.flat)
                 else:
                     b.flat.div_(float(self._w[k]))
+
+    # --------------------------------------------------------------- overlap
+    def _check_weight(self, w: float) -> None:
+        if not w > 0.0:
+            raise DecommError(
+                f"PushSum: push-sum weight became {w} on rank {self._comm.rank()} "
+                "(a node with no incoming mass: is the graph strongly connected?)")
+
+    def _divide(self) -> None:
+        for b, w in zip(self._buckets, self._w):
+            self._check_weight(float(w))
+            b.flat.div_(float(w))  # z = x / w
+
+    def _complete_pending(self) -> None:
+        """Wait for the MPI exchanges in flight (their results stay in their slots)."""
+        for k, (slot, handles) in enumerate(self._queue):
+            if handles:
+                for h in handles:
+                    h.wait()
+                self._queue[k] = (slot, None)
+
+    def _drain(self, count: int) -> None:
+        """Apply the ``count`` oldest exchanges in flight to the numerator and weight."""
+        for _ in range(max(count, 0)):
+            slot, handles = self._queue.pop(0)
+            for h in handles or ():
+                h.wait()
+            for b, w, m in zip(self._buckets, self._w, self._slots[slot]):
+                b.flat.add_(m[: b.numel])
+                w.add_(float(m[b.numel]))
+
+    def flush(self) -> None:
+        """Complete every exchange in flight and apply it (``z = x / w`` again).
+
+        With ``overlap`` the nodes' parameters miss the mass still in flight; after
+        ``flush()`` (collective in effect: every rank should call it at the same
+        point) nothing is in flight and the de-biased parameters include it all.
+        No-op without overlap.
+        """
+        if not self._queue:
+            return
+        with torch.no_grad():
+            for b, w in zip(self._buckets, self._w):
+                b.flat.mul_(float(w))
+            self._drain(len(self._queue))
+            self._divide()
+
+    def close(self) -> None:
+        """Complete and apply the exchanges in flight (:meth:`flush`), remove hooks."""
+        super().close()
+        self.flush()
+
+    def __repr__(self) -> str:
+        r = super().__repr__()
+        return r[:-1] + f", overlap={self.overlap})" if self.overlap else r

@@ -19,7 +19,6 @@ from decomm.optim import (
     AsyncGossip,
     GradientTracking,
     LocalCommunicator,
-    PushSum,
     QGDSGDm,
     consensus_distance,
 )
@@ -242,7 +241,7 @@ def test_format_1_state_dict_without_world_still_loads():
 
 
 # --------------------------------------------------- item: simulator support
-@pytest.mark.parametrize("cls", [AsyncGossip, PushSum])
+@pytest.mark.parametrize("cls", [AsyncGossip])
 def test_simulation_names_the_unsupported_wrapper(cls):
     with pytest.raises(TypeError, match=rf"Simulation cannot run {cls.__name__}: .*"
                                         r"DSGD, GradientTracking, D2, QGDSGDm"):

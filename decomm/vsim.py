@@ -3,7 +3,7 @@ r"""Vectorized simulation of n decentralized nodes: one batched step for all of 
 :class:`decomm.sim.Simulation` runs a Python loop of n forward/backward passes
 and n wrapped-optimizer steps per step.  :class:`VectorizedSimulation` runs the
 same algorithms with every node's state *stacked*: each parameter of shape
-``s`` is one tensor of shape ``(*s, n)`` (node ``i`` is ``p[..., i]``), and
+``s`` is one tensor of shape ``(n, *s)`` (node ``i`` is ``p[i]``), and
 
 * the n forward/backward passes are one ``torch.func.vmap`` of
   ``torch.func.grad_and_value`` of ``torch.func.functional_call`` over the
@@ -18,17 +18,20 @@ same algorithms with every node's state *stacked*: each parameter of shape
   optimizer and runs its local and finish phases once, on the stacked flat
   buffers (their algebra is elementwise, so it acts on each node's entries as
   it would on that node alone);
-* the mix is one product per flat buffer.  A wrapper's bucket stores its
-  stacked parameters contiguously, so with node as the fastest dimension a
-  flat buffer *is* an ``(R, n)`` matrix ``X`` whose column ``i`` is node
-  ``i``'s message (``R`` = model size × the wrapper's segments), and one round
-  of gossip ``x_i ← Σ_j W(t)[i, j] x_j`` is
+* the mix is a matrix product on the flat buffers themselves.  A wrapper's
+  bucket stores each stacked parameter contiguously, so every parameter's part
+  of a flat buffer (per segment: parameters, trackers, ...) *is* an
+  ``(n, d_k)`` matrix ``X_k`` whose row ``i`` is node ``i``'s message, and one
+  round of gossip ``x_i ← Σ_j W(t)[i, j] x_j`` is
 
-  .. math::  X \leftarrow X\, W(t)^\top
+  .. math::  X_k \leftarrow W(t)\, X_k \quad \text{for every block } k
 
   (a dense ``torch.mm`` for n ≤ :data:`DENSE_MAX_NODES`, a sparse product
   above), with no stacking or unstacking: the stacked parameters are views of
-  the buffers.
+  the buffers.  Node-first stacking (rather than node-last, which would make
+  a whole buffer one ``(D, n)`` matrix and the mix one product) is what
+  ``vmap``'s batching rules handle without copies: measured 28% faster
+  forward/backward for a 38k-parameter CNN, equal for a 2k one.
 
 Push-sum (:class:`decomm.optim.PushSum`, Assran et al., ICML 2019) with its
 column-stochastic ``P(t)`` runs as DSGD's adapt phase (the inner optimizer
@@ -108,7 +111,7 @@ SUPPORTED_WRAPPERS: tuple[type[DecentralizedOptimizer], ...] = (
     DSGD, GradientTracking, D2, QGDSGDm, PushSum)
 
 #: torch optimizers whose step is elementwise with hyper-parameters shared by all
-#: entries, so one optimizer over stacked ``(*s, n)`` parameters is n independent ones
+#: entries, so one optimizer over stacked ``(n, *s)`` parameters is n independent ones
 ELEMENTWISE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad,
     torch.optim.RMSprop, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
@@ -162,7 +165,7 @@ class VectorizedSimulation:
             give the same initial nodes).  Its parameters' device is the
             simulation's device.
         make_optimizer: ``(model) -> torch.optim.Optimizer``, called **once** with a
-            copy of the model whose parameters are the stacked ``(*s, n)`` tensors
+            copy of the model whose parameters are the stacked ``(n, *s)`` tensors
             (param groups built from ``model.parameters()`` or submodules work as
             usual; rules that look at ``p.ndim`` see one extra dimension).  One of
             :data:`ELEMENTWISE_OPTIMIZERS`.
@@ -234,7 +237,7 @@ class VectorizedSimulation:
         with torch.no_grad():
             for name, p in first.named_parameters():
                 if identical_init:
-                    data = p.detach().unsqueeze(-1).expand(*p.shape, self.n)
+                    data = p.detach().unsqueeze(0).expand(self.n, *p.shape)
                 else:
                     others = [dict(m.named_parameters()).get(name) for m in models]
                     if any(q is None or q.shape != p.shape or q.dtype != p.dtype
@@ -242,7 +245,7 @@ class VectorizedSimulation:
                         raise DecommError(
                             f"every node must build the same model: parameter {name!r} "
                             f"differs between the calls of make_model")
-                    data = torch.stack([q.detach() for q in others], dim=-1)  # type: ignore[union-attr]
+                    data = torch.stack([q.detach() for q in others])  # type: ignore[union-attr]
                 self._stacked[name] = nn.Parameter(data.contiguous(),
                                                    requires_grad=p.requires_grad)
         self._buffers = dict(first.named_buffers())
@@ -282,10 +285,10 @@ class VectorizedSimulation:
         self.optimizer: DecentralizedOptimizer = wrapper_cls(
             inner, communicator=SimNodeCommunicator(self, 0),  # type: ignore[arg-type]
             broadcast_parameters=False, check_parameters=False, **kwargs)
-        for k, buf in enumerate(self.optimizer._mix_buffers()):
-            if buf.numel() % self.n:  # pragma: no cover - every supported wrapper stacks
-                raise DecommError(f"mix buffer {k} of {buf.numel()} elements is not "
-                                  f"node-stacked (n = {self.n})")
+        for k, (buf, b) in enumerate(zip(self.optimizer._mix_buffers(), self.optimizer._buckets)):
+            if buf.numel() % b.numel:  # pragma: no cover - every supported wrapper's is
+                raise DecommError(f"mix buffer {k} of {buf.numel()} elements is not made "
+                                  f"of whole segments of its bucket ({b.numel})")
         device = next(iter(self._stacked.values())).device
         self.push_weights: Tensor | None = (
             torch.ones(self.n, dtype=torch.float64, device=device) if self._push else None)
@@ -322,7 +325,7 @@ class VectorizedSimulation:
 
     def mixing_matrix(self, t: int, dtype: torch.dtype = torch.float64,
                       device: torch.device | str = "cpu") -> Tensor:
-        """Round ``t``'s mixing matrix transposed, ``W(t)ᵀ`` (PushSum: ``P(t)ᵀ``).
+        """Round ``t``'s mixing matrix ``W(t)`` (PushSum: ``P(t)``), receiver convention.
 
         Dense ``(n, n)`` for n ≤ :data:`DENSE_MAX_NODES`, else sparse COO; cached
         per cycle index, dtype and device (a few rounds for random families).
@@ -335,10 +338,10 @@ class VectorizedSimulation:
         if w is not None:
             return w
         rows, cols, vals = self._round_coo(t)
-        # Wᵀ[j, i] = W[i, j]
-        index = torch.as_tensor(np.stack([cols, rows]).astype(np.int64))
-        values = torch.as_tensor(np.asarray(vals, dtype=np.float64)).to(dtype)
-        sp = torch.sparse_coo_tensor(index, values, (self.n, self.n)).coalesce()
+        index = torch.from_numpy(np.stack([rows, cols]).astype(np.int64))
+        values = torch.from_numpy(np.array(vals, dtype=np.float64)).to(dtype)
+        sp = torch.sparse_coo_tensor(index, values, (self.n, self.n),
+                                     check_invariants=True).coalesce()
         w = sp.to_dense() if self.n <= DENSE_MAX_NODES else sp
         w = w.to(device)
         if not rounds and len(self._w_cache) > 8:  # random family: keep a few rounds
@@ -346,41 +349,50 @@ class VectorizedSimulation:
         self._w_cache[key] = w
         return w
 
-    def _mix_matrix(self, x: Tensor, wt: Tensor) -> None:
-        """``x ← x @ wt`` in place for an ``(R, n)`` matrix ``x``."""
-        if wt.is_sparse:  # (W xᵀ)ᵀ: sparse @ dense
-            x.copy_(torch.sparse.mm(wt.t().coalesce(), x.t()).t())
+    def _blocks(self, buf: Tensor, bucket: Any) -> list[Tensor]:
+        """``buf`` (a mix buffer of ``bucket``) as ``(n, d_k)`` blocks, one per parameter
+        per segment: row ``i`` of a block is node ``i``'s part of the message."""
+        n = self.n
+        out = []
+        for seg in range(buf.numel() // bucket.numel):
+            base = seg * bucket.numel
+            for off, p in zip(bucket.offsets, bucket.params):
+                out.append(buf[base + off: base + off + p.numel()].view(n, -1))
+        return out
+
+    def _mix_blocks(self, blocks: list[Tensor], mix: Mix) -> None:
+        """``X ← W(t) X`` (or the exact average) for every ``(n, d)`` block, in place."""
+        if not blocks:
             return
-        key = (x.shape[0], x.dtype, x.device)
-        out = self._scratch.get(key)
-        if out is None:
-            out = self._scratch[key] = torch.empty_like(x)
-        torch.mm(x, wt, out=out)
-        x.copy_(out)
+        x0 = blocks[0]
+        dtype = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
+        w = None if mix is Mix.GLOBAL else self.mixing_matrix(self.round, dtype, x0.device)
+        for x in blocks:
+            work = x if x.dtype == dtype else x.to(dtype)
+            if w is None:
+                y = work.mean(dim=0, keepdim=True).expand_as(work)
+            elif w.is_sparse:
+                y = torch.sparse.mm(w, work)
+            else:
+                key = (work.shape[1], dtype, work.device)
+                y = self._scratch.get(key)
+                if y is None:
+                    y = self._scratch[key] = torch.empty_like(work)
+                torch.mm(w, work, out=y)
+            x.copy_(y)
 
     def _mix(self, mix: Mix) -> None:
-        n = self.n
-        for buf in self.optimizer._mix_buffers():
-            x = buf.view(-1, n)  # column i: node i's message
-            work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            if mix is Mix.GLOBAL:
-                work.copy_(work.mean(dim=1, keepdim=True).expand_as(work))
-            else:
-                self._mix_matrix(work, self.mixing_matrix(self.round, work.dtype, work.device))
-            if work is not x:
-                x.copy_(work)
+        bufs = self.optimizer._mix_buffers()
+        for buf, bucket in zip(bufs, self.optimizer._buckets, strict=True):
+            self._mix_blocks(self._blocks(buf, bucket), mix)
 
     def _mix_push_weights(self, mix: Mix) -> None:
-        """``w ← P w`` in the first bucket's dtype (the weight travels in its message)."""
+        """``w ← P(t) w`` in the first bucket's dtype (the weight travels in its message)."""
         assert self.push_weights is not None
         dtype = self.optimizer._buckets[0].dtype
-        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        w = self.push_weights.to(dtype).unsqueeze(0)
-        if mix is Mix.GLOBAL:
-            w = w.mean(dim=1, keepdim=True).expand_as(w).clone()
-        else:
-            self._mix_matrix(w, self.mixing_matrix(self.round, dtype, w.device))
-        new = w.squeeze(0).double()
+        w = self.push_weights.to(dtype).unsqueeze(1)
+        self._mix_blocks([w], mix)
+        new = w.squeeze(1).double()
         bad = torch.nonzero(~(new > 0.0)).flatten().tolist()
         if bad:
             raise DecommError(
@@ -389,14 +401,14 @@ class VectorizedSimulation:
         self.push_weights.copy_(new)
 
     def _scale_by_push_weights(self, divide: bool) -> None:
+        """``x = w z`` (``divide=False``) or ``z = x / w`` on every node's parameters."""
         assert self.push_weights is not None
-        for b in self.optimizer._buckets:
-            x = b.flat.view(-1, self.n)
-            w = self.push_weights.to(x.dtype)
+        for p in self._stacked.values():
+            w = self.push_weights.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
             if divide:
-                x.div_(w)
+                p.data.div_(w)
             else:
-                x.mul_(w)
+                p.data.mul_(w)
 
     # ------------------------------------------------------------------- step
     def _grads(self, loss_fn: Callable[..., Tensor], batch: Sequence[Tensor]) -> Tensor:
@@ -410,7 +422,7 @@ class VectorizedSimulation:
         params = {k: p.detach() for k, p in self._stacked.items()}
         fn = torch.func.vmap(
             torch.func.grad_and_value(node_loss),
-            in_dims=(-1, None, *([0] * len(batch))), out_dims=(-1, 0),
+            in_dims=(0, None, *([0] * len(batch))), out_dims=(0, 0),
             randomness=self.randomness)
         try:
             grads, losses = fn(params, self._buffers, *batch)
@@ -485,7 +497,7 @@ class VectorizedSimulation:
         params = {k: p.detach() for k, p in self._stacked.items()}
         with torch.no_grad():
             try:
-                return torch.func.vmap(node_fn, in_dims=(-1, None, *([0] * len(batch))),
+                return torch.func.vmap(node_fn, in_dims=(0, None, *([0] * len(batch))),
                                        randomness=self.randomness)(params, self._buffers,
                                                                    *batch)
             except RuntimeError as e:
@@ -493,18 +505,18 @@ class VectorizedSimulation:
 
     # -------------------------------------------------------------- inspection
     def stacked_parameters(self) -> dict[str, Tensor]:
-        """The stacked parameters by name, shape ``(*s, n)`` (the live tensors)."""
+        """The stacked parameters by name, shape ``(n, *s)`` (the live tensors)."""
         return dict(self._stacked)
 
     def params(self, i: int) -> Tensor:
         """Node ``i``'s parameters, flattened in ``model.parameters()`` order (a copy)."""
         if not 0 <= int(i) < self.n:
             raise ValueError(f"node index {i} out of range for n = {self.n}")
-        return torch.cat([p.detach()[..., int(i)].reshape(-1) for p in self._stacked.values()])
+        return torch.cat([p.detach()[int(i)].reshape(-1) for p in self._stacked.values()])
 
     def param_matrix(self) -> Tensor:
         """All nodes' parameters as an ``(n, d)`` tensor (a copy)."""
-        return torch.cat([p.detach().reshape(-1, self.n) for p in self._stacked.values()]).T.clone()
+        return torch.cat([p.detach().reshape(self.n, -1) for p in self._stacked.values()], dim=1)
 
     def average_params(self) -> Tensor:
         """``x̄ = (1/n) Σ_i x_i`` (flat, float64)."""
@@ -522,7 +534,7 @@ class VectorizedSimulation:
         m = copy.deepcopy(self.model)
         with torch.no_grad():
             for name, p in m.named_parameters():
-                p.copy_(self._stacked[name][..., int(i)])
+                p.copy_(self._stacked[name][int(i)])
         return m
 
     # ------------------------------------------------------------- checkpoint

@@ -37,9 +37,13 @@ Push-sum (:class:`decomm.optim.PushSum`, Assran et al., ICML 2019) with its
 column-stochastic ``P(t)`` runs as DSGD's adapt phase (the inner optimizer
 step) framed by the push-sum weights ``w`` (one per node, ``w^0 = 1``), as
 :class:`~decomm.optim.PushSum` does per rank: ``x = w z``, ``x ← x − u``,
-``[x, w] ← P(t) [x, w]``, ``z = x / w``; ``P(t)`` follows PushSum's rule
-(``P[j, i] = 1/(outdeg_i(t) + 1)`` over the topology's out-neighbours and ``i``
-itself, or the explicit ``weights=``).
+``[x, w] ← P(t) [x, w]``, ``z = x / w``.  ``P(t)`` is PushSum's own
+(:class:`decomm.optim.push_sum.PushWeights`: the uniform split
+``P[j, i] = 1/(outdeg_i(t) + 1)`` over the topology's out-neighbours and ``i``
+itself, or the explicit ``weights=``).  PushSum's ``w`` is one scalar per
+wrapper, so its phases cannot run once for all nodes; this framing is the one
+place where the vectorized simulator restates an algorithm's equations
+(overlapped PushSum, ``overlap=``, is not vectorized).
 
 The trajectories equal the looped simulator's (and so an MPI run's) up to
 floating-point summation order; ``tests/unit/test_vsim.py`` checks this for
@@ -94,7 +98,7 @@ from torch import Tensor, nn
 
 from decomm.errors import DecommError
 from decomm.optim import D2, DSGD, DecentralizedOptimizer, GradientTracking, Mix, PushSum, QGDSGDm
-from decomm.optim.push_sum import _push_topology
+from decomm.optim.push_sum import PushWeights, _push_topology
 from decomm.sim import SimNodeCommunicator, as_topology
 from decomm.topology import Topology
 
@@ -271,16 +275,21 @@ class VectorizedSimulation:
         self._push = wrapper_cls is PushSum
         kwargs = dict(wrapper_kwargs)
         self._push_source: Topology | None = None
+        self._pw: PushWeights | None = None
         if self._push:
             allowed = {"weights", "communicate_every", "global_every"}
             extra = sorted(set(kwargs) - allowed)
             if extra:
-                raise TypeError(f"VectorizedSimulation runs PushSum with "
-                                f"{sorted(allowed)} only, got {extra}")
+                raise TypeError(
+                    f"VectorizedSimulation runs PushSum with {sorted(allowed)} only, got "
+                    f"{extra} (overlap=: its delayed messages are per node; use "
+                    f"decomm.sim.Simulation)")
             weights = kwargs.pop("weights", None)
             if weights is not None:
                 # PushSum's own validation; its round t is P(t)ᵀ
                 self._push_source = _push_topology(weights, self.n)
+            # PushSum's own rule for P(t): one definition for MPI, sim and vsim
+            self._pw = PushWeights(lambda: self.topology, self._push_source)
             wrapper_cls = _PushSumAdapt
         self.optimizer: DecentralizedOptimizer = wrapper_cls(
             inner, communicator=SimNodeCommunicator(self, 0),  # type: ignore[arg-type]
@@ -308,20 +317,11 @@ class VectorizedSimulation:
     # ----------------------------------------------------------------- mixing
     def _round_coo(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(rows, cols, values)`` of round ``t``'s matrix in the receiver convention."""
-        if self._push and self._push_source is not None:
-            r = self._push_source.sparse(t)  # P(t)ᵀ: transpose back
-            return r.indices, r.row_ids, r.data
+        if self._pw is not None:  # PushSum's own P(t) (uniform split or its weights=)
+            m = self._pw.matrix(t).tocoo()
+            return np.asarray(m.row), np.asarray(m.col), np.asarray(m.data)
         r = self.topology.sparse(t)
-        if not self._push:
-            return r.row_ids, r.indices, r.data
-        # PushSum's default P(t): node i splits its mass uniformly over itself and its
-        # out-neighbours j (W(t)[j, i] != 0, j != i): P[j, i] = 1 / (outdeg_i + 1)
-        off = r.offdiag_mask
-        share = 1.0 / (r.out_degrees() + 1.0)
-        ids = np.arange(self.n)
-        rows = np.concatenate([r.row_ids[off], ids])
-        cols = np.concatenate([r.indices[off], ids])
-        return rows, cols, share[cols]
+        return r.row_ids, r.indices, r.data
 
     def mixing_matrix(self, t: int, dtype: torch.dtype = torch.float64,
                       device: torch.device | str = "cpu") -> Tensor:

@@ -1,0 +1,408 @@
+"""decomm.vsim.VectorizedSimulation against the looped simulator and closed forms.
+
+Equivalence tests run in float64: the two simulators sum in different orders
+(vmap's grouped convolutions, a dense GEMM vs SciPy's CSR product), so they
+agree to rounding (observed max |diff| ~ 1e-16 after 4 steps); the 1e-6 bound
+is the requirement, far above float64 rounding and far below any algorithmic
+difference (one wrong term changes parameters by ~lr * grad ~ 1e-2).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import decomm.vsim as vsim_mod
+from decomm.errors import DecommError
+from decomm.optim import D2, DSGD, AsyncGossip, GradientTracking, PushSum, QGDSGDm
+from decomm.sim import Simulation
+from decomm.topology import (
+    BaseGraph,
+    EquiDyn,
+    ExponentialGraph,
+    OnePeerExponentialGraph,
+    RingGraph,
+    Topology,
+)
+from decomm.vsim import ELEMENTWISE_OPTIMIZERS, VectorizedSimulation
+
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-6
+N = 5
+STEPS = 4
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def cnn() -> nn.Module:
+    """2 conv + 1 linear, float64, for (1, 8, 8) inputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Flatten(), nn.Linear(16, 4)).double()
+
+
+def batches(n: int = N, steps: int = STEPS, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(steps, n, 6, 1, 8, 8, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 4, (steps, n, 6), generator=g)
+    return X, Y
+
+
+def node_loss(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def sgd(**kw):
+    return lambda m: torch.optim.SGD(m.parameters(), **kw)
+
+
+def run_both(topo, cls, make_opt, steps=STEPS, make_model=cnn, **kw):
+    """Same seeded init, same batches; returns the max |param diff| over all steps."""
+    X, Y = batches(topo.n, steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # D2 over time-varying graphs
+        torch.manual_seed(0)
+        looped = Simulation(topo, make_model, make_opt, cls, identical_init=False, **kw)
+        torch.manual_seed(0)
+        vec = VectorizedSimulation(topo, make_model, make_opt, cls, identical_init=False, **kw)
+        assert torch.equal(looped.param_matrix(), vec.param_matrix())
+        worst = 0.0
+        for t in range(steps):
+            ll = looped.step(lambda i, m: node_loss(m, X[t, i], Y[t, i]))
+            lv = vec.step(node_loss, X[t], Y[t])
+            assert lv.shape == (topo.n,)
+            np.testing.assert_allclose(lv.numpy(), np.array(ll), rtol=0, atol=TOL)
+            worst = max(worst, float((looped.param_matrix() - vec.param_matrix()).abs().max()))
+    assert vec.round == looped.round
+    # the run did something: the nodes moved away from their start
+    assert float((vec.param_matrix() - vec_start(topo, make_model)).abs().max()) > 1e-3
+    return worst
+
+
+def vec_start(topo, make_model):
+    torch.manual_seed(0)
+    return torch.stack([torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])
+                        for _ in range(topo.n)])
+
+
+CONFIGS = [
+    ("DSGD-ATC", DSGD, sgd(lr=0.1, momentum=0.9, weight_decay=1e-3), {}),
+    ("DSGD-ATC-nesterov", DSGD, sgd(lr=0.1, momentum=0.9, nesterov=True), {}),
+    ("DSGD-AWC-adam", DSGD, lambda m: torch.optim.Adam(m.parameters(), lr=0.02),
+     {"combine_first": True}),
+    ("DSGD-AWC-sgd", DSGD, sgd(lr=0.1, momentum=0.5), {"combine_first": True}),
+    ("GT-sgd", GradientTracking, sgd(lr=0.1, momentum=0.5, weight_decay=1e-3), {}),
+    ("GT-adam", GradientTracking, lambda m: torch.optim.Adam(m.parameters(), lr=0.02), {}),
+    ("D2", D2, sgd(lr=0.1), {}),
+    ("QGDSGDm", QGDSGDm, sgd(lr=0.1, weight_decay=1e-3), {"momentum": 0.9}),
+    ("QGDSGDm-nesterov", QGDSGDm, sgd(lr=0.1), {"momentum": 0.8, "nesterov": True}),
+]
+TOPOLOGIES = [BaseGraph(N, 1), OnePeerExponentialGraph(N), RingGraph(N)]
+
+
+@pytest.mark.parametrize("topo", TOPOLOGIES, ids=lambda t: t.name)
+@pytest.mark.parametrize("name,cls,make_opt,kw", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_trajectories_equal_looped_simulation(name, cls, make_opt, kw, topo):
+    assert run_both(topo, cls, make_opt, **kw) < TOL
+
+
+@pytest.mark.parametrize("opt_cls", ELEMENTWISE_OPTIMIZERS, ids=lambda c: c.__name__)
+def test_every_allowed_optimizer_is_n_independent_optimizers(opt_cls):
+    extra = {"weight_decay": 1e-3}
+    if opt_cls is torch.optim.SGD:
+        extra.update(momentum=0.9)
+    make_opt = lambda m: opt_cls(m.parameters(), lr=0.01, **extra)  # noqa: E731
+    assert run_both(BaseGraph(N, 2), DSGD, make_opt) < TOL
+
+
+@pytest.mark.parametrize("kw", [{"communicate_every": 2}, {"global_every": 2},
+                                {"communicate_every": 2, "global_every": 2}])
+def test_schedules_local_and_global_steps(kw):
+    assert run_both(OnePeerExponentialGraph(N), GradientTracking, sgd(lr=0.1), steps=5,
+                    **kw) < TOL
+
+
+def test_param_groups_with_different_lrs():
+    def make_opt(m):  # per-layer groups built from the (stacked) model's submodules
+        return torch.optim.SGD([{"params": m[0].parameters(), "lr": 0.2},
+                                {"params": list(m[2].parameters()) + list(m[5].parameters())}],
+                               lr=0.05, momentum=0.9)
+    assert run_both(BaseGraph(N, 1), DSGD, make_opt) < TOL
+
+
+def test_float32_cnn_matches_to_1e6():
+    def cnn32():
+        return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(64, 4))
+
+    X, Y = batches(N, 3)
+    X = X.float()
+    torch.manual_seed(0)
+    looped = Simulation(BaseGraph(N, 1), cnn32, sgd(lr=0.05, momentum=0.9), DSGD)
+    torch.manual_seed(0)
+    vec = VectorizedSimulation(BaseGraph(N, 1), cnn32, sgd(lr=0.05, momentum=0.9), DSGD)
+    for t in range(3):
+        looped.step(lambda i, m: node_loss(m, X[t, i], Y[t, i]))
+        vec.step(node_loss, X[t], Y[t])
+    # float32: |x| < 1, each step adds a few ulps (6e-8) of rounding-order difference
+    assert float((looped.param_matrix() - vec.param_matrix()).abs().max()) < TOL
+
+
+def test_mixing_only_is_matrix_powers():
+    """lr = 0, zero gradients: X(t+1) = W(t) X(t) exactly as numpy computes it."""
+    topo = BaseGraph(6, 1)
+    vs = VectorizedSimulation(topo, cnn, sgd(lr=0.0), DSGD, identical_init=False)
+    X = vs.param_matrix().numpy()
+    for t in range(topo.rounds):
+        vs.step()  # no loss_fn: the (absent) gradients count as zero
+        X = topo.matrix(t) @ X
+        np.testing.assert_allclose(vs.param_matrix().numpy(), X, rtol=0, atol=1e-14)
+    # Base-(k+1) graphs reach the exact average after one cycle
+    np.testing.assert_allclose(X, np.broadcast_to(X.mean(0), X.shape), atol=1e-14)
+    assert vs.consensus_distance() < 1e-26
+
+
+def test_sparse_path_matches_dense(monkeypatch):
+    dense = run_both(EquiDyn(N, seed=3), GradientTracking, sgd(lr=0.1))
+    monkeypatch.setattr(vsim_mod, "DENSE_MAX_NODES", 2)
+    vs = VectorizedSimulation(RingGraph(N), cnn, sgd(lr=0.1), DSGD)
+    assert vs.mixing_matrix(0).is_sparse
+    assert torch.equal(vs.mixing_matrix(0).to_dense(),
+                       torch.from_numpy(RingGraph(N).matrix(0)))
+    assert run_both(EquiDyn(N, seed=3), GradientTracking, sgd(lr=0.1)) < TOL
+    assert dense < TOL
+
+
+# ------------------------------------------------------------------ PushSum
+def directed_weights(n):
+    """Two column-stochastic P, not row-stochastic: node i keeps 1/2 and sends 1/2 to
+    i+1 (first) / i+2 (second), except node 0, which splits its half over two nodes."""
+    mats = []
+    for s in (1, 2):
+        P = np.eye(n) / 2
+        for i in range(1, n):
+            P[(i + s) % n, i] += 0.5
+        P[1, 0] += 0.25
+        P[3, 0] += 0.25
+        mats.append(P)
+    return mats
+
+
+def hub_graph(n, shift=1):
+    """Directed, irregular out-degrees: i hears i - shift, and everyone hears node 0."""
+    W = np.zeros((n, n))
+    for i in range(n):
+        W[i, i] = 1
+        W[i, (i - shift) % n] = 1
+        W[i, 0] = 1
+    return W / W.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("topo,kw,moves", [
+    (Topology.from_matrices(hub_graph(N)), {}, True),  # static, uniform split
+    (EquiDyn(N, seed=3), {}, False),  # directed random family (regular: w stays 1)
+    # step 6 is a global step: exact averages of x and w, so every w is back at 1
+    (Topology.from_matrices([hub_graph(N, 1), hub_graph(N, 2)]), {"global_every": 3}, False),
+    (RingGraph(N), {"weights": directed_weights(N), "communicate_every": 2}, True),
+], ids=["hub", "EquiDyn", "hub-cycle-global", "explicit-P-local"])
+def test_push_sum_equals_looped_push_sum(topo, kw, moves):
+    steps = 6
+    X, Y = batches(topo.n, steps)
+    make_opt = sgd(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    torch.manual_seed(0)
+    looped = Simulation(topo, cnn, make_opt, PushSum, identical_init=False, **kw)
+    torch.manual_seed(0)
+    vs = VectorizedSimulation(topo, cnn, make_opt, PushSum, identical_init=False, **kw)
+    for t in range(steps):
+        looped.step(lambda i, m: node_loss(m, X[t, i], Y[t, i]))
+        vs.step(node_loss, X[t], Y[t])
+        assert float((vs.param_matrix() - looped.param_matrix()).abs().max()) < TOL
+    w_loop = torch.tensor([o.push_weights[0] for o in looped.optimizers], dtype=torch.float64)
+    assert torch.allclose(vs.push_weights, w_loop, rtol=0, atol=1e-12)
+    assert (float(w_loop.std()) > 1e-3) == moves  # irregular P: the weights leave 1
+    assert repr(vs).startswith("VectorizedSimulation(n=5") and "PushSum" in repr(vs)
+
+
+def test_push_sum_weights_keep_their_sum_and_debias_the_average():
+    """Pure push-sum averaging (lr = 0): Σ w = n, and z -> the plain average."""
+    topo = Topology.from_matrices(hub_graph(6))  # directed, irregular out-degrees
+    vs = VectorizedSimulation(topo, cnn, sgd(lr=0.0), PushSum, identical_init=False)
+    x0 = vs.param_matrix().double().mean(0)
+    for _ in range(60):
+        vs.step()
+        assert float(vs.push_weights.sum()) == pytest.approx(6.0, abs=1e-12)
+    np.testing.assert_allclose(vs.param_matrix().numpy(),
+                               np.broadcast_to(x0.numpy(), (6, x0.numel())), atol=1e-9)
+    assert float(vs.push_weights.min()) > 0 and float(vs.push_weights.std()) > 1e-3
+
+
+def test_push_sum_dead_node_is_reported():
+    # node 0 sends everything to node 1 and receives nothing: its weight becomes 0
+    P = np.array([[0.0, 0.0], [1.0, 1.0]])
+    vs = VectorizedSimulation(RingGraph(2), cnn, sgd(lr=0.0), PushSum, weights=P)
+    with pytest.raises(DecommError, match=r"non-positive on node\(s\) \[0\]"):
+        vs.step()
+
+
+def test_push_sum_rejects_bad_weights_and_options():
+    with pytest.raises(ValueError, match="column 0 sums to"):
+        VectorizedSimulation(RingGraph(3), cnn, sgd(lr=0.1), PushSum, weights=np.eye(3) * 0.5)
+    with pytest.raises(TypeError, match=r"PushSum with .*got \['overlap'\]"):
+        VectorizedSimulation(RingGraph(3), cnn, sgd(lr=0.1), PushSum, overlap=1)
+
+
+# ------------------------------------------------------------------ API
+def test_map_node_model_and_inspection():
+    X, Y = batches(N, 1)
+    vs = VectorizedSimulation(RingGraph(N), cnn, sgd(lr=0.1), DSGD, identical_init=False)
+    vs.step(node_loss, X[0], Y[0])
+    logits = vs.map(lambda m, x: m(x), X[0])
+    assert logits.shape == (N, 6, 4)
+    for i in (0, 3):
+        m = vs.node_model(i)
+        torch.testing.assert_close(logits[i], m(X[0, i]), rtol=0, atol=1e-12)
+        assert torch.equal(vs.params(i), torch.cat([p.reshape(-1) for p in m.parameters()]))
+    P = vs.param_matrix().double()
+    assert vs.consensus_distance() == pytest.approx(
+        float((P - P.mean(0)).square().sum(1).mean()), rel=1e-12)
+    assert torch.allclose(vs.average_params(), P.mean(0))
+    stacked = vs.stacked_parameters()
+    assert stacked["0.weight"].shape == (N, 3, 1, 3, 3)
+    # the stacked parameters are views of the wrapper's flat bucket: no copies per step
+    bucket = vs.optimizer._buckets[0]
+    assert all(p.untyped_storage().data_ptr() == bucket.buffer.untyped_storage().data_ptr()
+               for p in stacked.values())
+
+
+def test_identical_init_by_default():
+    vs = VectorizedSimulation(RingGraph(4), cnn, sgd(lr=0.1), DSGD)
+    X = vs.param_matrix()
+    assert torch.equal(X, X[:1].expand_as(X))
+
+
+def test_state_dict_resumes_exactly():
+    X, Y = batches(N, 6)
+    make = lambda: VectorizedSimulation(  # noqa: E731
+        BaseGraph(N, 1), cnn, sgd(lr=0.1, momentum=0.9), GradientTracking,
+        identical_init=False)
+    torch.manual_seed(0)
+    a = make()
+    for t in range(3):
+        a.step(node_loss, X[t], Y[t])
+    saved = a.state_dict()
+    for t in range(3, 6):
+        a.step(node_loss, X[t], Y[t])
+    torch.manual_seed(5)
+    b = make()
+    b.load_state_dict(saved)
+    assert b.round == 3
+    for t in range(3, 6):
+        b.step(node_loss, X[t], Y[t])
+    assert torch.equal(a.param_matrix(), b.param_matrix())
+    with pytest.raises(ValueError, match="state has 5 nodes, this simulation has 4"):
+        VectorizedSimulation(RingGraph(4), cnn, sgd(lr=0.1), GradientTracking
+                             ).load_state_dict(saved)
+
+
+def test_lr_scheduler_drives_the_stacked_optimizer():
+    vs = VectorizedSimulation(RingGraph(3), cnn, sgd(lr=0.1), DSGD)
+    sched = torch.optim.lr_scheduler.StepLR(vs.optimizer, step_size=1, gamma=0.5)
+    vs.step()
+    with warnings.catch_warnings():
+        # the simulator runs the wrapper's phases, not its step(), which the scheduler
+        # counts: torch warns about the order, the schedule is unaffected
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()
+    assert vs.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_dropout_needs_a_randomness_mode():
+    def drop():
+        return nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(64, 4)).double()
+
+    X, Y = batches(N, 1)
+    vs = VectorizedSimulation(RingGraph(N), drop, sgd(lr=0.1), DSGD)
+    with pytest.raises(DecommError, match="randomness='different'"):
+        vs.step(node_loss, X[0], Y[0])
+    torch.manual_seed(0)
+    vs = VectorizedSimulation(RingGraph(N), drop, sgd(lr=0.1), DSGD, randomness="different")
+    losses = vs.step(node_loss, X[0], Y[0])
+    assert torch.isfinite(losses).all() and losses.shape == (N,)
+
+
+# ------------------------------------------------------------------ errors
+def test_batchnorm_is_refused_by_name():
+    def bn():
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(),
+                             nn.Linear(72, 4))
+    with pytest.raises(TypeError, match=r"1 \(BatchNorm2d\).*GroupNorm"):
+        VectorizedSimulation(RingGraph(3), bn, sgd(lr=0.1), DSGD)
+
+
+def test_batchnorm_without_running_stats_matches_looped():
+    def bn():
+        return nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.BatchNorm2d(2, track_running_stats=False),
+                             nn.Flatten(), nn.Linear(18, 4)).double()
+    assert run_both(RingGraph(N), DSGD, sgd(lr=0.1), make_model=bn) < TOL
+
+
+def test_unsupported_wrappers_and_optimizers():
+    class MyDSGD(DSGD):
+        pass
+
+    for cls in (AsyncGossip, MyDSGD):
+        with pytest.raises(TypeError, match=f"cannot run {cls.__name__}.*decomm.sim.Simulation"):
+            VectorizedSimulation(RingGraph(3), cnn, sgd(lr=0.1), cls)
+    with pytest.raises(TypeError, match="elementwise.*LBFGS"):
+        VectorizedSimulation(RingGraph(3), cnn, lambda m: torch.optim.LBFGS(m.parameters()),
+                             DSGD)
+
+
+def test_bad_arguments():
+    topo = RingGraph(3)
+    with pytest.raises(ValueError, match="randomness must be"):
+        VectorizedSimulation(topo, cnn, sgd(lr=0.1), randomness="maybe")
+    with pytest.raises(TypeError, match="sets 'communicator' itself"):
+        VectorizedSimulation(topo, cnn, sgd(lr=0.1), communicator=None)
+    with pytest.raises(TypeError, match="must return an nn.Module"):
+        VectorizedSimulation(topo, lambda: 3, sgd(lr=0.1))
+    with pytest.raises(TypeError, match="Topology"):
+        VectorizedSimulation("ring", cnn, sgd(lr=0.1))
+    outside = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=r"param_groups\[0\] holds a tensor of shape \(2,\)"):
+        VectorizedSimulation(topo, cnn, lambda m: torch.optim.SGD([outside], lr=0.1))
+    vs = VectorizedSimulation(topo, cnn, sgd(lr=0.1))
+    X, Y = batches(3, 1)
+    with pytest.raises(ValueError, match=r"batch\[1\]: expected a tensor with leading "
+                                         r"dimension n = 3.*\(4, 6\)"):
+        vs.step(node_loss, X[0], torch.zeros(4, 6, dtype=torch.long))
+    with pytest.raises(TypeError, match="batch given without loss_fn"):
+        vs.step(None, X[0])
+    with pytest.raises(DecommError, match="one scalar tensor per node"):
+        vs.step(lambda m, x: m(x), X[0])
+    with pytest.raises(ValueError, match="node index 3 out of range"):
+        vs.params(3)
+
+
+def test_tiny_gpu_example_runs_on_cpu():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "vsim_gpu_vgg.py"), "--tiny"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "step 2/2" in out.stdout and "ms/step" in out.stdout
+    assert "done" in out.stdout

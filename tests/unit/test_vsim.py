@@ -26,7 +26,6 @@ from decomm.sim import Simulation
 from decomm.topology import (
     BaseGraph,
     EquiDyn,
-    ExponentialGraph,
     OnePeerExponentialGraph,
     RingGraph,
     Topology,
@@ -82,7 +81,7 @@ def run_both(topo, cls, make_opt, steps=STEPS, make_model=cnn, **kw):
         assert torch.equal(looped.param_matrix(), vec.param_matrix())
         worst = 0.0
         for t in range(steps):
-            ll = looped.step(lambda i, m: node_loss(m, X[t, i], Y[t, i]))
+            ll = looped.step(lambda i, m, t=t: node_loss(m, X[t, i], Y[t, i]))
             lv = vec.step(node_loss, X[t], Y[t])
             assert lv.shape == (topo.n,)
             np.testing.assert_allclose(lv.numpy(), np.array(ll), rtol=0, atol=TOL)
@@ -156,7 +155,7 @@ def test_float32_cnn_matches_to_1e6():
     torch.manual_seed(0)
     vec = VectorizedSimulation(BaseGraph(N, 1), cnn32, sgd(lr=0.05, momentum=0.9), DSGD)
     for t in range(3):
-        looped.step(lambda i, m: node_loss(m, X[t, i], Y[t, i]))
+        looped.step(lambda i, m, t=t: node_loss(m, X[t, i], Y[t, i]))
         vec.step(node_loss, X[t], Y[t])
     # float32: |x| < 1, each step adds a few ulps (6e-8) of rounding-order difference
     assert float((looped.param_matrix() - vec.param_matrix()).abs().max()) < TOL
@@ -228,7 +227,7 @@ def test_push_sum_equals_looped_push_sum(topo, kw, moves):
     torch.manual_seed(0)
     vs = VectorizedSimulation(topo, cnn, make_opt, PushSum, identical_init=False, **kw)
     for t in range(steps):
-        looped.step(lambda i, m: node_loss(m, X[t, i], Y[t, i]))
+        looped.step(lambda i, m, t=t: node_loss(m, X[t, i], Y[t, i]))
         vs.step(node_loss, X[t], Y[t])
         assert float((vs.param_matrix() - looped.param_matrix()).abs().max()) < TOL
     w_loop = torch.tensor([o.push_weights[0] for o in looped.optimizers], dtype=torch.float64)
@@ -355,7 +354,8 @@ def test_batchnorm_is_refused_by_name():
 
 def test_batchnorm_without_running_stats_matches_looped():
     def bn():
-        return nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.BatchNorm2d(2, track_running_stats=False),
+        return nn.Sequential(nn.Conv2d(1, 2, 3, stride=2),
+                             nn.BatchNorm2d(2, track_running_stats=False),
                              nn.Flatten(), nn.Linear(18, 4)).double()
     assert run_both(RingGraph(N), DSGD, sgd(lr=0.1), make_model=bn) < TOL
 
@@ -386,7 +386,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"param_groups\[0\] holds a tensor of shape \(2,\)"):
         VectorizedSimulation(topo, cnn, lambda m: torch.optim.SGD([outside], lr=0.1))
     vs = VectorizedSimulation(topo, cnn, sgd(lr=0.1))
-    X, Y = batches(3, 1)
+    X, _ = batches(3, 1)
     with pytest.raises(ValueError, match=r"batch\[1\]: expected a tensor with leading "
                                          r"dimension n = 3.*\(4, 6\)"):
         vs.step(node_loss, X[0], torch.zeros(4, 6, dtype=torch.long))

@@ -151,12 +151,37 @@ void check_agreement(const Header* all, int n, const Header& mine, int rank,
   }
 }
 
+bool is_peer_failure(int code) {
+  if (code == MPI_SUCCESS) return false;
+  int cls = code;
+  MPI_Error_class(code, &cls);
+#ifdef MPIX_ERR_PROC_FAILED
+  return cls == MPIX_ERR_PROC_FAILED || cls == MPIX_ERR_PROC_FAILED_PENDING ||
+         cls == MPIX_ERR_REVOKED;
+#else
+  return false;
+#endif
+}
+
 void check_mpi(int code, const char* what) {
   if (code == MPI_SUCCESS) return;
   char buf[MPI_MAX_ERROR_STRING];
   int len = 0;
   MPI_Error_string(code, buf, &len);
-  throw DecommError(std::string("MPI error in ") + what + ": " + std::string(buf, len));
+  const std::string msg = std::string("MPI error in ") + what + ": " + std::string(buf, len);
+  if (is_peer_failure(code)) throw PeerFailure(msg);
+  throw DecommError(msg);
+}
+
+void testall(std::vector<MPI_Request>& reqs, int* flag, const char* what) {
+  thread_local std::vector<MPI_Status> st;
+  st.resize(reqs.size());
+  const int rc = MPI_Testall(static_cast<int>(reqs.size()), reqs.data(), flag, st.data());
+  if (rc == MPI_ERR_IN_STATUS) {
+    for (const auto& s : st)
+      if (s.MPI_ERROR != MPI_SUCCESS && s.MPI_ERROR != MPI_ERR_PENDING) check_mpi(s.MPI_ERROR, what);
+  }
+  check_mpi(rc, what);
 }
 
 }  // namespace decomm

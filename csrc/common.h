@@ -3,6 +3,9 @@
 #pragma once
 
 #include <mpi.h>
+#if __has_include(<mpi-ext.h>)
+#include <mpi-ext.h>  // ULFM: MPIX_ERR_PROC_FAILED, MPIX_Comm_revoke
+#endif
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -18,6 +21,17 @@ class DecommError : public std::runtime_error {
  public:
   explicit DecommError(const std::string& what) : std::runtime_error(what) {}
 };
+
+// A peer process failed (or another rank revoked the communicator after
+// seeing one): the ULFM error classes. Translated to decomm.PeerFailureError.
+class PeerFailure : public DecommError {
+ public:
+  using DecommError::DecommError;
+};
+
+// True for the ULFM classes MPI_ERR_PROC_FAILED, _PENDING and MPI_ERR_REVOKED:
+// a dead peer, not a misuse (a failed receive must not read as truncation).
+bool is_peer_failure(int code);
 
 constexpr int kMaxHeaderDims = 8;
 constexpr int kHeaderNameLen = 48;
@@ -77,7 +91,12 @@ std::string op_where(int32_t kind, const std::string& name, int rank);
 void check_agreement(const Header* all, int n, const Header& mine, int rank,
                      bool ignore_first_dim, bool compare_root);
 
-// Raise DecommError on an MPI failure code, naming the call.
+// Raise DecommError on an MPI failure code, naming the call (PeerFailure for
+// the ULFM classes).
 void check_mpi(int code, const char* what);
+
+// MPI_Testall that reads the per-request statuses: with MPI_ERR_IN_STATUS the
+// real class is only there. Raises like check_mpi.
+void testall(std::vector<MPI_Request>& reqs, int* flag, const char* what);
 
 }  // namespace decomm

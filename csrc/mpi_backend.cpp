@@ -114,12 +114,55 @@ void Op::fail(const std::string& msg) {
   error_ = op_where(kind_, name_, be_->rank()) + ": " + msg;
 }
 
+void Op::requests(std::vector<MPI_Request*>& out) {
+  for (auto& r : reqs_) out.push_back(&r);
+}
+
 void Op::abandon_requests() {
-  for (auto& r : reqs_) {
-    if (r == MPI_REQUEST_NULL) continue;
-    MPI_Cancel(&r);
-    MPI_Request_free(&r);
+  std::vector<MPI_Request*> rs;
+  requests(rs);
+  for (MPI_Request* r : rs) {
+    if (*r == MPI_REQUEST_NULL) continue;
+    MPI_Cancel(r);
+    MPI_Request_free(r);
   }
+}
+
+void Op::fail_peer(const std::string& msg) {
+  if (error_.empty()) {
+    peer_failed_ = true;
+    std::vector<int64_t> failed = be_->failed_ranks();
+    be_->revoke();
+    fail(failed.empty()
+             ? "a peer process failed (another rank revoked the communicator after seeing the "
+               "failure; " + msg + ")"
+             : "peer process(es) " + join_ranks(failed) + " failed (" + msg + ")");
+  }
+  // After the revoke every request completes (in error) promptly; give them a
+  // moment, then free what is left.
+  std::vector<MPI_Request*> rs;
+  requests(rs);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  bool pending = true;
+  while (pending && std::chrono::steady_clock::now() < until) {
+    pending = false;
+    for (MPI_Request* r : rs) {
+      if (*r == MPI_REQUEST_NULL) continue;
+      int flag = 0;
+      MPI_Test(r, &flag, MPI_STATUS_IGNORE);
+      if (!flag && *r != MPI_REQUEST_NULL) pending = true;
+    }
+    if (pending) sched_yield();
+  }
+  settled_ = !pending;
+  if (pending)
+    for (MPI_Request* r : rs)
+      if (*r != MPI_REQUEST_NULL) MPI_Request_free(r);
+}
+
+void Op::raise() const {
+  if (peer_failed_) throw PeerFailure(error_);
+  throw DecommError(error_);
 }
 
 bool Op::advance() {
@@ -127,6 +170,9 @@ bool Op::advance() {
   bool done = false;
   try {
     done = step();
+  } catch (const PeerFailure& e) {
+    fail_peer(e.what());
+    done = true;
   } catch (const std::exception& e) {
     fail(e.what());
     abandon_requests();
@@ -176,7 +222,7 @@ at::Tensor Handle::wait() {
   }
   if (!op_->error().empty()) {
     be_->bury(op_);  // a failed op's buffers may still be referenced by MPI
-    throw DecommError(op_->error());
+    op_->raise();
   }
   return op_->result;
 }
@@ -216,22 +262,66 @@ MpiBackend::MpiBackend(int64_t comm_f, double timeout_s, bool check, bool progre
 
 MpiBackend::~MpiBackend() { close(); }
 
-void MpiBackend::close() {
+void MpiBackend::stop_progress(const char* why, bool peer) {
   if (progress_.joinable()) {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
+      stop_why_ = why;
+      stop_peer_ = peer;
     }
     cv_.notify_all();
     progress_.join();
   }
+}
+
+void MpiBackend::revoke() {
+#ifdef MPIX_ERR_REVOKED
+  if (comm_ != MPI_COMM_NULL && !revoked_.exchange(true)) MPIX_Comm_revoke(comm_);
+#endif
+}
+
+bool MpiBackend::revoked() const { return revoked_.load(); }
+
+std::vector<int64_t> MpiBackend::failed_ranks() const {
+  std::vector<int64_t> out;
+#ifdef OMPI_HAVE_MPIX_COMM_GET_FAILED
+  if (comm_ == MPI_COMM_NULL) return out;
+  MPI_Group failed = MPI_GROUP_NULL, all = MPI_GROUP_NULL;
+  if (MPIX_Comm_get_failed(comm_, &failed) != MPI_SUCCESS) return out;
+  int n = 0;
+  MPI_Group_size(failed, &n);
+  if (n > 0) {
+    MPI_Comm_group(comm_, &all);
+    std::vector<int> idx(n), ranks(n);
+    for (int i = 0; i < n; ++i) idx[i] = i;
+    MPI_Group_translate_ranks(failed, n, idx.data(), all, ranks.data());
+    for (int r : ranks)
+      if (r != MPI_UNDEFINED) out.push_back(r);
+    std::sort(out.begin(), out.end());
+    MPI_Group_free(&all);
+  }
+  MPI_Group_free(&failed);
+#endif
+  return out;
+}
+
+void MpiBackend::abandon() {
+  revoke();
+  stop_progress("recovery after a peer failure began while the operation was in flight", true);
+  comm_ = MPI_COMM_NULL;  // revoked: no byes; left to MPI_Finalize (or the process's end)
+}
+
+void MpiBackend::close() {
+  stop_progress("decomm.shutdown() while the operation was in flight", false);
   int finalized = 0;
   MPI_Finalized(&finalized);
   // A message that reaches a freed communicator is queued by Open MPI for the
   // next communicator that reuses its context id, and kills the job there
   // (seen with init_machines twice). So the communicator is freed only once
   // every peer has said it is done with it; otherwise it is left to MPI_Finalize.
-  if (!finalized && comm_ != MPI_COMM_NULL && send_byes()) MPI_Comm_free(&comm_);
+  if (!finalized && comm_ != MPI_COMM_NULL && !revoked_.load() && send_byes())
+    MPI_Comm_free(&comm_);
   comm_ = MPI_COMM_NULL;
 }
 
@@ -399,7 +489,10 @@ void MpiBackend::progress_loop() {
       cv_.wait(lk, [&] { return stop_ || !active_.empty(); });
       if (stop_) {
         for (auto& op : active_) {
-          op->fail("decomm.shutdown() while the operation was in flight");
+          if (stop_peer_)
+            op->fail_peer(stop_why_);
+          else
+            op->fail(stop_why_);
           op->finished_.store(true);
           graveyard_.push_back(op);
         }
@@ -441,8 +534,8 @@ std::vector<Header> MpiBackend::check_collective(const Header& mine, bool ignore
   run(op);
   if (!op.error().empty()) {
     // MPI may still write into `all` after a timeout: keep it alive.
-    new std::vector<Header>(std::move(all));
-    throw DecommError(op.error());
+    if (!op.settled_) new std::vector<Header>(std::move(all));
+    op.raise();
   }
   check_agreement(all.data(), size_, mine, rank_, ignore_first_dim, compare_root);
   return all;
@@ -455,13 +548,14 @@ std::shared_ptr<Handle> MpiBackend::launch(const std::shared_ptr<Op>& op, bool a
     run(*op);
     if (!op->error().empty()) {
       bury(op);
-      throw DecommError(op->error());
+      op->raise();
     }
   }
   return std::make_shared<Handle>(op, this);
 }
 
 void MpiBackend::bury(const std::shared_ptr<Op>& op) {
+  if (op->settled_) return;  // its requests completed after a revoke: MPI holds nothing
   std::lock_guard<std::mutex> lk(mu_);
   graveyard_.push_back(op);
 }

@@ -41,6 +41,10 @@ class Op {
   bool advance();  // returns true once finished (successfully or not)
   bool finished() const { return finished_.load(); }
   const std::string& error() const { return error_; }
+  // A peer process failed during this op (the ULFM classes), not a misuse.
+  bool peer_failed() const { return peer_failed_; }
+  // Throws the op's error: PeerFailure after a peer failure, else DecommError.
+  [[noreturn]] void raise() const;
   at::Tensor result;
   const OpTimes& times() const { return times_; }
   void mark(int point);  // records times_[point] when the timeline is on
@@ -53,7 +57,13 @@ class Op {
   // making this call ("" when none): then the op fails at once.
   virtual std::string departed() const { return ""; }
   void fail(const std::string& msg);
-  virtual void abandon_requests();
+  // A peer failed: revoke the communicator (so ranks that are not its
+  // neighbours stop waiting too), then let every request complete in error
+  // and release it, so the op's buffers are free again.
+  void fail_peer(const std::string& msg);
+  // Every request the op may still have in flight.
+  virtual void requests(std::vector<MPI_Request*>& out);
+  virtual void abandon_requests();  // cancel and free them (a timeout, a misuse)
 
   MpiBackend* be_;
   int32_t kind_;
@@ -66,6 +76,8 @@ class Op {
   OpTimes times_{};
   int64_t seq_;        // this rank's call number of the op's family (-1: none)
   uint32_t polls_ = 0;
+  bool peer_failed_ = false;
+  bool settled_ = false;  // every request completed after a revoke: nothing to bury
 
   friend class MpiBackend;
 };
@@ -92,6 +104,17 @@ class MpiBackend {
   MpiBackend(int64_t comm_f, double timeout_s, bool check, bool progress_thread = true);
   ~MpiBackend();
   void close();
+
+  // Fault tolerance (ULFM). revoke(): once, on the first peer failure seen;
+  // every pending and later call on this communicator then fails on every
+  // rank. failed_ranks(): the ranks of this communicator this process knows
+  // to have failed (local knowledge; only a shrink makes it the same on all).
+  // abandon(): after a failure, stop the progress thread (pending handles
+  // fail) and drop the communicator without byes and without freeing it.
+  void revoke();
+  bool revoked() const;
+  std::vector<int64_t> failed_ranks() const;
+  void abandon();
 
   int rank() const { return rank_; }
   int size() const { return size_; }
@@ -153,7 +176,10 @@ class MpiBackend {
   std::vector<Header> check_collective(const Header& mine, bool ignore_first_dim,
                                        bool compare_root);
 
+  void stop_progress(const char* why, bool peer);
+
   MPI_Comm comm_ = MPI_COMM_NULL;
+  std::atomic<bool> revoked_{false};
   int rank_ = 0, size_ = 1;
   double timeout_s_;
   bool check_;
@@ -165,6 +191,8 @@ class MpiBackend {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Op>> active_;
   bool stop_ = false;
+  const char* stop_why_ = "";
+  bool stop_peer_ = false;
   std::vector<std::shared_ptr<Op>> graveyard_;  // timed-out ops whose buffers MPI may hold
 
   // Departures and leftovers (guarded by house_mu_).

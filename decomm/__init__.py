@@ -17,7 +17,8 @@ one round of gossip is ``x <- W @ x``.
 from . import compression, hierarchical, timeline, topology, win
 from ._version import __version__
 from .backends import built_with_cuda, cuda_available, nccl_available
-from .errors import DecommError
+from .errors import DecommError, PeerFailureError
+from .fault import failed_ranks, launch_rank, recover
 from .hierarchical import (
     get_machine_topology,
     hierarchical_neighbor_allreduce,
@@ -78,6 +79,10 @@ from .win import (
 
 __all__ = [
     "DecommError",
+    "PeerFailureError",
+    "failed_ranks",
+    "launch_rank",
+    "recover",
     "Handle",
     "__version__",
     "advance_round",

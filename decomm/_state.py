@@ -67,6 +67,10 @@ class State:
     check_finite: bool = False
     init_args: dict[str, Any] = field(default_factory=dict)
     excepthook: Any = None  # the hook init() installed, removed again by shutdown()
+    fault_tolerant: bool = False
+    launch_ranks: list[int] = field(default_factory=list)  # current rank -> rank at launch
+    lost: list[int] = field(default_factory=list)  # launch ranks lost so far
+    topology_source: Any = None  # set_topology's ``n -> Topology`` callable, if one was given
     plans: dict[int, RoundPlan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 

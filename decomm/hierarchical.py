@@ -87,6 +87,7 @@ class _Hier:
     lock: threading.Lock = field(default_factory=threading.Lock)
     seq: int = 0
     check: bool = True  # cross-rank header checks (DECOMM_CHECK)
+    requested: int | None = None  # init_machines' local_size (None: shared-memory nodes)
 
 
 _hier: _Hier | None = None
@@ -181,7 +182,8 @@ def init_machines(local_size: int | None = None) -> None:
     _hier = _Hier(owner=rt, rank=rank, size=size, machine=machine, machines=machines,
                    local_rank=lrank, local_size=len(members), machine_of=machine_of,
                    grouping=grouping, local_be=local_be, leaders_be=leaders_be,
-                   topology=topo, topo_hash=_agree.topology_digest(topo), check=check)
+                   topology=topo, topo_hash=_agree.topology_digest(topo), check=check,
+                   requested=local_size)
     timeline.register_backend(local_be)
     timeline.register_backend(leaders_be)
     if not _atexit_registered:
@@ -206,6 +208,26 @@ def shutdown_machines() -> None:
                 be.close()
             except Exception:  # MPI already finalized
                 pass
+
+
+def _detach_for_recovery() -> tuple[bool, int | None]:
+    """After a peer failure: drop the machine backends (their communicators hold the lost
+    rank; they are abandoned, not closed). Returns (was grouped, local_size asked)."""
+    global _hier
+    st, _hier = _hier, None
+    if st is None:
+        return False, None
+    for be in (st.leaders_be, st.local_be):
+        if be is not None:
+            be.abandon()
+    return True, st.requested
+
+
+def _reattach_after_recovery(grouping: tuple[bool, int | None]) -> None:
+    """Group the survivors again as before the failure (the machine topology restarts
+    as ``ExponentialGraph`` of the new number of machines)."""
+    if grouping[0]:
+        init_machines(grouping[1])
 
 
 def _require() -> _Hier:

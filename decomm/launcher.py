@@ -57,6 +57,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -269,6 +270,20 @@ def build_plan(
             notes.append(
                 f"{args.np} ranks on {cpus} CPU(s): oversubscribing, binding off, 1 thread per rank"
             )
+    if getattr(args, "fault_tolerant", False):
+        if not openmpi:
+            raise LauncherError("decomm-run --fault-tolerant needs Open MPI with ULFM "
+                                f"(found {flavor})")
+        cmd += ["--with-ft", "ulfm"]
+        btl_chosen = "OMPI_MCA_btl" in env or "btl" in (args.mpi_args or "")
+        if not btl_chosen:
+            # Open MPI 5.0's shrink agreement intermittently aborts over the
+            # shared-memory transport; TCP on the node recovered every time.
+            cmd += ["--mca", "btl", "self,tcp"]
+            notes.append("fault tolerance: ULFM on (--with-ft ulfm), ranks talk over TCP "
+                         "(--mca btl self,tcp) because shrinking over shared memory can abort")
+        else:
+            notes.append("fault tolerance: ULFM on (--with-ft ulfm)")
     if args.hostfile:
         cmd += ["--hostfile", args.hostfile]
     if args.host:
@@ -290,6 +305,8 @@ def build_plan(
         notes.append(f"{OSC_VAR}={OSC_DEFAULT}: MPI windows use Open MPI's rdma/sm "
                      "one-sided components (set OMPI_MCA_osc to choose others)")
     exports += user_exports
+    if getattr(args, "fault_tolerant", False):
+        exports.append(("DECOMM_FAULT_TOLERANT", "1"))
     for name, value in exports:
         if openmpi:  # `-x VAR` alone: Open MPI copies the value from the environment
             cmd += ["-x", name if value is None else f"{name}={value}"]
@@ -337,6 +354,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra arguments passed verbatim to mpirun (one quoted string)")
     p.add_argument("--oversubscribe", action="store_true",
                    help="force --oversubscribe --bind-to none and single-threaded BLAS")
+    p.add_argument("--fault-tolerant", action="store_true",
+                   help="survive lost ranks: run under ULFM (Open MPI --with-ft ulfm) with "
+                        "DECOMM_FAULT_TOLERANT=1; exit 0 when every surviving rank finished")
+    p.add_argument("--fail-on-loss", action="store_true",
+                   help="with --fault-tolerant: exit 3 if any rank was lost, even when the "
+                        "survivors finished")
     p.add_argument("--dry-run", action="store_true",
                    help="print the mpirun command line and exit without running it")
     p.add_argument("--version", action="version", version=f"decomm-run (decomm {__version__})")
@@ -453,7 +476,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"decomm-run: {plan.shell_line()}", file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
-    return _run(plan.argv)
+    if not args.fault_tolerant:
+        if args.fail_on_loss:
+            print("decomm-run: --fail-on-loss needs --fault-tolerant", file=sys.stderr)
+            return 2
+        return _run(plan.argv)
+    fd, status = tempfile.mkstemp(prefix="decomm-ft-", suffix=".log")
+    os.close(fd)
+    os.environ["DECOMM_FT_STATUS"] = status  # mpirun passes it on to the local ranks
+    argv = list(plan.argv)
+    argv[1:1] = ["-x", f"DECOMM_FT_STATUS={status}"]
+    try:
+        rc = _run(argv)
+        return fault_tolerant_status(rc, status, args.np, args.fail_on_loss)
+    finally:
+        os.unlink(status)
+
+
+def fault_tolerant_status(rc: int, status_path: str, np: int | None, fail_on_loss: bool) -> int:
+    """The exit status of a ``--fault-tolerant`` run, from mpirun's and the ranks' lines.
+
+    Under ULFM mpirun exits 0 whatever was lost, so the ranks append ``finished L`` (L
+    their launch rank) and, on the survivors' rank 0, ``lost R L1 L2 ...`` to a file.
+    0 when every rank that was not lost finished; 1 when one did not; 3 with
+    ``fail_on_loss`` when a rank was lost; mpirun's own non-zero status wins.
+    """
+    finished: set[int] = set()
+    lost: set[int] = set()
+    with open(status_path) as f:
+        for line in f:
+            parts = line.split()
+            if not parts:
+                continue
+            if parts[0] == "finished":
+                finished.add(int(parts[1]))
+            elif parts[0] == "lost":
+                lost.update(int(x) for x in parts[2:])
+    everyone = set(range(np)) if np is not None else finished | lost
+    missing = sorted(everyone - lost - finished)
+    if lost:
+        print(f"decomm-run: lost rank(s) {sorted(lost)}; {len(finished)} surviving rank(s) "
+              "finished", file=sys.stderr)
+    if rc != 0:
+        return rc
+    if missing:
+        print(f"decomm-run: rank(s) {missing} neither finished nor were reported lost",
+              file=sys.stderr)
+        return 1
+    if lost and fail_on_loss:
+        return 3
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

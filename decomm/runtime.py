@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from . import _agree, _checks, _state, cuda_ops, timeline
+from . import _agree, _checks, _failure, _state, cuda_ops, timeline
 from . import backends as _backends
 from .errors import DecommError
 from .topology import ExponentialGraph, Topology
@@ -61,7 +61,8 @@ def _env_float(name: str, default: float) -> float:
 
 
 def init(backend: str = "auto", *, timeout: float | None = None, check: bool | None = None,
-         comm: Any = None, abort_on_error: bool = True) -> None:
+         comm: Any = None, abort_on_error: bool = True,
+         fault_tolerant: bool | None = None) -> None:
     """Start decomm on every rank (call once, on all ranks, before any op).
 
     Args:
@@ -79,6 +80,12 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
         abort_on_error: when an exception escapes the program on one rank, abort the
             whole MPI job (as ``python -m mpi4py`` does) instead of leaving the other
             ranks waiting.
+        fault_tolerant: survive the loss of ranks (default ``DECOMM_FAULT_TOLERANT``, off):
+            a peer failure raises :class:`~decomm.errors.PeerFailureError` on every
+            survivor, naming the lost ranks, and :func:`decomm.recover` (called by the
+            optimizer wrappers inside ``step()``) continues on the survivors. The job must
+            run under ULFM (``decomm-run --fault-tolerant`` or ``mpirun --with-ft ulfm``);
+            an uncaught exception then stops only its own rank. See :mod:`decomm.fault`.
 
     The initial topology is ``ExponentialGraph(size())``, at round 0. Calling ``init``
     again with the same arguments does nothing; with different ones it raises (call
@@ -86,8 +93,10 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     """
     if backend not in ("auto", "mpi", "nccl"):
         raise ValueError(f"backend must be 'auto', 'mpi' or 'nccl', got {backend!r}")
+    if fault_tolerant is None:
+        fault_tolerant = os.environ.get("DECOMM_FAULT_TOLERANT", "0") not in ("", "0")
     asked = {"backend": backend, "timeout": timeout, "check": check, "comm": comm,
-             "abort_on_error": abort_on_error}
+             "abort_on_error": abort_on_error, "fault_tolerant": bool(fault_tolerant)}
     current = _state.get()
     if current is not None:
         differ = [f"{k}={asked[k]!r} (in force: {current.init_args[k]!r})" for k in asked
@@ -99,7 +108,6 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
                               f"other settings: {', '.join(differ)}; call decomm.shutdown() "
                               "first to start again with new ones")
         return
-    from . import _C
 
     if backend == "nccl" and not _backends.nccl_available():
         if _backends.built_with_cuda() and _backends.nccl_built():
@@ -119,6 +127,33 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     if check is None:
         check = os.environ.get("DECOMM_CHECK", "1") != "0"
     world = comm if comm is not None else MPI.COMM_WORLD
+    if fault_tolerant and os.environ.get("OMPI_MCA_mpi_ft_enable", "") in ("", "0", "false"):
+        sys.stderr.write("[decomm] fault_tolerant=True, but this job does not run under ULFM "
+                         "(start it with decomm-run --fault-tolerant or mpirun --with-ft ulfm): "
+                         "a lost rank still ends the job\n")
+    n = world.Get_size()
+    init_args = dict(asked, timeout=float(timeout), check=bool(check), comm=comm)
+    state = _install(world, init_args, ExponentialGraph(n), launch_ranks=list(range(n)))
+    # A rank that leaves normally (end of script, sys.exit, shutdown()) tells its
+    # peers from shutdown(), so a rank still waiting on it raises at once.
+    atexit.register(shutdown)
+    if fault_tolerant:
+        _failure.enable()
+        state.excepthook = _failure.excepthook(sys.excepthook)
+        sys.excepthook = state.excepthook
+    elif abort_on_error and state.size > 1:
+        state.excepthook = _install_abort_hook(world)
+
+
+def _install(world: Any, init_args: dict[str, Any], topo: Topology, *, launch_ranks: list[int],
+             lost: list[int] | None = None, round_: int = 0,
+             topology_source: Any = None) -> _state.State:
+    """Start a backend on ``world`` and install the process state (from :func:`init`,
+    and from :func:`decomm.recover` on the survivors' communicator)."""
+    from mpi4py import MPI
+
+    from . import _C
+
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
     # A background thread progresses non-blocking ops only when the node has a core to
     # spare for it: with every core busy it slowed overlapped work down
@@ -127,26 +162,25 @@ def init(backend: str = "auto", *, timeout: float | None = None, check: bool | N
     spare_core = local.Get_size() < (os.cpu_count() or 1)
     raw = os.environ.get("DECOMM_PROGRESS_THREAD", "")
     progress = spare_core if raw == "" else raw != "0"
-    be = _C.MpiBackend(world.py2f(), float(timeout), bool(check), progress)
-    topo = ExponentialGraph(world.Get_size())
+    be = _C.MpiBackend(world.py2f(), init_args["timeout"], init_args["check"], progress)
     state = _state.State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),
                          local_rank=local.Get_rank(), local_size=local.Get_size(),
-                         topology=topo, topo_hash=_agree.topology_digest(topo))
+                         topology=topo, topo_hash=_agree.topology_digest(topo), round=round_)
     state.check_finite = os.environ.get("DECOMM_CHECK_FINITE", "0") not in ("", "0")
-    state.init_args = dict(asked, timeout=float(timeout), check=bool(check), comm=comm)
+    state.init_args = init_args
+    state.fault_tolerant = init_args["fault_tolerant"]
+    state.launch_ranks = list(launch_ranks)
+    state.lost = list(lost or [])
+    state.topology_source = topology_source
     local.Free()
     _state.install(state)
     timeline.attach(state.rank, be)
     try:  # collective: how CUDA tensors travel (NCCL, or MPI via pinned host memory)
-        cuda_ops.setup(state, backend, check=check)
+        cuda_ops.setup(state, init_args["backend"], check=init_args["check"])
     except BaseException:
         shutdown()
         raise
-    # A rank that leaves normally (end of script, sys.exit, shutdown()) tells its
-    # peers from shutdown(), so a rank still waiting on it raises at once.
-    atexit.register(shutdown)
-    if abort_on_error and state.size > 1:
-        state.excepthook = _install_abort_hook(world)
+    return state
 
 
 def _quiet_osc_ucx() -> None:
@@ -184,10 +218,24 @@ def _install_abort_hook(world: Any) -> Any:
 
 
 def shutdown() -> None:
-    """Stop the backend (pending handles fail). Safe to call twice; init() may follow."""
-    state = _state.clear()
-    if state is None:
+    """Stop the backend (pending handles fail). Safe to call twice; init() may follow.
+
+    With fault tolerance on, the survivors first meet in one agreement (a failure
+    during it is recovered from), and a job that lost ranks then ends this process
+    with ``os._exit(0)`` instead of returning (see :func:`decomm._failure.finish`).
+    """
+    st = _state.get()
+    if st is None:
         return
+    if st.fault_tolerant and st.size > 1:
+        _failure.finish(_close)
+    else:
+        _close(st)
+
+
+def _close(state: _state.State) -> None:
+    _state.clear()
+    _failure.disable()
     if state.excepthook is not None and sys.excepthook is state.excepthook:
         sys.excepthook = state.excepthook.previous
     timeline.detach()
@@ -234,14 +282,25 @@ def set_topology(topology: Any, *, start_round: int = 0) -> None:
 
     ``topology`` is a :class:`~decomm.topology.Topology` (e.g. ``BaseGraph(size(), 2)``),
     an n x n row-stochastic matrix ``W`` (numpy or torch; ``W[i, j]`` is the weight rank
-    i gives to rank j's value), or a list of such matrices used in turn.
+    i gives to rank j's value), a list of such matrices used in turn, or a callable
+    ``n -> Topology`` (called with ``size()`` now, and with the survivors' number after
+    a loss under fault tolerance; otherwise the survivors re-plan the topology with
+    :func:`decomm.topology.replan.replan`).
 
     Collective: every rank must call it with the same schedule. The ranks compare the
     topology's fingerprint (one small allgather) and raise :class:`DecommError` naming
     the ranks that differ, instead of hanging later.
     """
     state = _state.require()
-    topo = _as_topology(topology)
+    source = None
+    if callable(topology) and not isinstance(topology, Topology):
+        source = topology  # n -> Topology: also how the survivors re-plan after a loss
+        topo = topology(state.size)
+        if not isinstance(topo, Topology):
+            raise TypeError(f"set_topology: the callable returned {type(topo).__name__} for "
+                            f"n={state.size}; it must return a decomm.topology.Topology")
+    else:
+        topo = _as_topology(topology)
     if topo.n != state.size:
         raise ValueError(f"the topology has n={topo.n} nodes but decomm.size() is {state.size}; "
                          f"build it for {state.size} nodes, e.g. BaseGraph(decomm.size(), k)")
@@ -257,6 +316,7 @@ def set_topology(topology: Any, *, start_round: int = 0) -> None:
         state.topo_hash = digest
         state.round = start_round
         state.plans = {}
+        state.topology_source = source
 
 
 def _check_same_everywhere(state: _state.State, digest: int, start_round: int,

@@ -270,6 +270,26 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False, *,
     return True
 
 
+def _detach_all() -> list[tuple[str, torch.Tensor, bool]]:
+    """After a peer failure: forget every window without freeing it (MPI_Win_free is
+    collective over the old communicator, which holds the lost rank). Returns what
+    :func:`_reattach_all` needs to create them again, in creation order."""
+    out = []
+    for name, w in list(_windows.items()):
+        with w.lock:
+            out.append((name, w.tensor, False))
+            w.data, w.seqs = [], []
+    _windows.clear()
+    return out
+
+
+def _reattach_all(saved: list[tuple[str, torch.Tensor, bool]]) -> None:
+    """Create the windows again on the survivors (collective; the neighbour slots start
+    as each new in-neighbour's current value)."""
+    for name, tensor, zero in saved:
+        win_create(tensor, name, zero_init=zero)
+
+
 @timeline.traced("win_free", phases=False)
 def win_free(name: str | None = None) -> bool:
     """Free window ``name`` (or every window when ``None``); collective. Returns True."""

@@ -82,7 +82,7 @@ void MpiBackend::broadcast(const at::Tensor& inout, int root, const std::string&
   op.mark(kTimePosted);
   if (rank_ == root && size_ > 1) bytes_sent += nbytes;
   run(op);
-  if (!op.error().empty()) throw DecommError(op.error());
+  if (!op.error().empty()) op.raise();
 }
 
 at::Tensor MpiBackend::allgather(const at::Tensor& x, const std::string& name) {
@@ -117,7 +117,7 @@ at::Tensor MpiBackend::allgather(const at::Tensor& x, const std::string& name) {
   op.mark(kTimePosted);
   if (size_ > 1) bytes_sent += x.numel() * static_cast<int64_t>(x.element_size());
   run(op);
-  if (!op.error().empty()) throw DecommError(op.error());
+  if (!op.error().empty()) op.raise();
   return out;
 }
 
@@ -126,7 +126,7 @@ void MpiBackend::barrier() {
   check_mpi(MPI_Ibarrier(comm_, op.request()), "MPI_Ibarrier");
   op.mark(kTimePosted);
   run(op);
-  if (!op.error().empty()) throw DecommError(op.error());
+  if (!op.error().empty()) op.raise();
 }
 
 }  // namespace decomm

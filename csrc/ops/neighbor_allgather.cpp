@@ -54,6 +54,7 @@ class NeighborAllgatherOp : public NeighborOp {
       if (!data_posted_[s]) {
         int flag = 0;
         const int rc = MPI_Test(&hdr_reqs_[s], &flag, MPI_STATUS_IGNORE);
+        if (is_peer_failure(rc)) check_mpi(rc, "MPI_Test");
         // A neighbor_allreduce message (header + payload) is cut to the header
         // here; the header leads, so it still says what the neighbour called.
         const bool truncated = rc != MPI_SUCCESS &&
@@ -96,8 +97,7 @@ class NeighborAllgatherOp : public NeighborOp {
       all_done &= flag != 0;
     }
     int flag = 0;
-    check_mpi(MPI_Testall(static_cast<int>(send_reqs_.size()), send_reqs_.data(), &flag,
-                          MPI_STATUSES_IGNORE), "MPI_Testall");
+    testall(send_reqs_, &flag, "MPI_Testall");
     all_done &= flag != 0;
     if (!all_done) return false;
     mark(kTimeArrived);
@@ -128,13 +128,9 @@ class NeighborAllgatherOp : public NeighborOp {
         out.push_back(dst_[d]);
   }
 
-  void abandon_requests() override {
+  void requests(std::vector<MPI_Request*>& out) override {
     for (auto* v : {&hdr_reqs_, &data_reqs_, &send_reqs_})
-      for (auto& r : *v)
-        if (r != MPI_REQUEST_NULL) {
-          MPI_Cancel(&r);
-          MPI_Request_free(&r);
-        }
+      for (auto& r : *v) out.push_back(&r);
   }
 
  private:
@@ -157,7 +153,7 @@ at::Tensor MpiBackend::neighbor_allgather(const at::Tensor& x, const std::vector
   run(*op);  // records the timeline times of this thread's last op
   if (!op->error().empty()) {
     bury(op);
-    throw DecommError(op->error());
+    op->raise();
   }
   return op->result;
 }

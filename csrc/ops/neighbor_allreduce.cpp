@@ -113,6 +113,7 @@ class NeighborAllreduceOp : public NeighborOp {
         int flag = 0;
         MPI_Status st;
         int rc = MPI_Test(&in.head, &flag, &st);
+        if (is_peer_failure(rc)) check_mpi(rc, "MPI_Test");
         if (flag || in.head == MPI_REQUEST_NULL) {
           on_header(s, st, rc != MPI_SUCCESS);
         } else {
@@ -124,6 +125,7 @@ class NeighborAllreduceOp : public NeighborOp {
         int flag = 0;
         MPI_Status st;
         int rc = MPI_Test(&in.bulk, &flag, &st);
+        if (is_peer_failure(rc)) check_mpi(rc, "MPI_Test");
         if (flag || in.bulk == MPI_REQUEST_NULL) {
           int got = 0;
           MPI_Get_count(&st, MPI_BYTE, &got);
@@ -140,8 +142,7 @@ class NeighborAllreduceOp : public NeighborOp {
     }
     for (auto* v : {&send_hdr_, &send_data_}) {
       int flag = 0;
-      check_mpi(MPI_Testall(static_cast<int>(v->size()), v->data(), &flag, MPI_STATUSES_IGNORE),
-                "MPI_Testall");
+      testall(*v, &flag, "MPI_Testall");
       all_done &= flag != 0;
     }
     if (!all_done) return false;
@@ -179,18 +180,13 @@ class NeighborAllreduceOp : public NeighborOp {
         out.push_back(dst_.ranks[d]);
   }
 
-  void abandon_requests() override {
-    auto drop = [](MPI_Request& r) {
-      if (r == MPI_REQUEST_NULL) return;
-      MPI_Cancel(&r);
-      MPI_Request_free(&r);
-    };
+  void requests(std::vector<MPI_Request*>& out) override {
     for (auto& in : in_) {
-      drop(in.head);
-      drop(in.bulk);
+      out.push_back(&in.head);
+      out.push_back(&in.bulk);
     }
     for (auto* v : {&send_hdr_, &send_data_})
-      for (auto& r : *v) drop(r);
+      for (auto& r : *v) out.push_back(&r);
   }
 
  private:

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _agree
-from ..errors import DecommError
+from .. import _agree, _state, fault
+from ..errors import DecommError, PeerFailureError
 from . import comm as _comm
 from ._flat import Bucket, build_buckets, collect_params
 from .comm import Communicator, MPICommunicator, PendingExchange
@@ -304,9 +304,15 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._columns_checked: Any = None
         #: found_inf as agreed by all ranks in the last GradScaler step (None: no scaler)
         self._amp_found_inf: bool | None = None
+        self._catch_up = 0  # local steps left to reach the survivors' step after a loss
+        self._deferred_failure: PeerFailureError | None = None
+        self._local_ran = False  # this step's local phase has run (for a failure mid-step)
         self._build(broadcast_parameters, list(range(len(optimizer.param_groups))))
         if self._check_column_sums:
             self._warn_if_not_column_stochastic()
+        st = _state.get()
+        if st is not None and st.fault_tolerant and isinstance(self._comm, MPICommunicator):
+            fault.register(self)
 
     # ------------------------------------------------------------------ setup
     def _check_new_params(self, indexed: list[tuple[int, Tensor]]) -> None:
@@ -465,13 +471,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- phases
     def _plan(self) -> Mix:
         """What the coming step does: local, gossip or global average."""
-        if (self._steps + 1) % self.communicate_every != 0:
+        if self._catch_up > 0 or (self._steps + 1) % self.communicate_every != 0:
             return Mix.NONE
         if self.global_every is not None and (self._comms + 1) % self.global_every == 0:
             return Mix.GLOBAL
         return Mix.NEIGHBOR
 
     def _run_local(self, mix: Mix) -> None:
+        self._local_ran = True
         if self._check_column_sums and mix is Mix.NEIGHBOR:
             self._warn_if_not_column_stochastic()  # set_topology may have changed it
         for b in self._buckets:
@@ -481,9 +488,47 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def _run_finish(self, mix: Mix) -> None:
         self._finish_phase(mix)
+        self._local_ran = False
         self._steps += 1
         if mix is not Mix.NONE:
             self._comms += 1
+        elif self._catch_up > 0:
+            self._catch_up -= 1
+
+    # ------------------------------------------------------ surviving a loss
+    def _survive(self, err: PeerFailureError) -> None:
+        """A peer failed during this step (fault tolerance on): finish the step as a
+        local one, recover on the survivors, and restore what the algorithm relies on.
+
+        The exchange that failed changed nothing (a neighbour op writes its output only
+        once every message has arrived), so the step's local update stands as a local
+        step. :func:`decomm.recover` agrees on the survivors' maximum step and
+        communication counts; a rank behind it takes local steps until it gets there,
+        so that every survivor makes the same exchanges from then on.
+        """
+        if not _state.require().fault_tolerant:
+            raise err
+        self._inflight = None  # failed with the old communicator
+        if self._local_ran:
+            self._run_finish(Mix.NONE)
+        fault.recover()
+
+    def _fault_progress(self) -> list[int]:
+        return [self._steps, self._comms]
+
+    def _fault_resume(self, agreed: list[int]) -> None:
+        """Called by :func:`decomm.recover` with the survivors' maximum counters."""
+        steps, comms = agreed
+        self._catch_up = max(0, steps - self._steps)
+        # Local catch-up steps do not count as communication; start them from the
+        # count the furthest survivor reached, so that global_every stays in step.
+        self._comms = comms
+        self._inflight = None
+        self._restart_after_loss()
+
+    def _restart_after_loss(self) -> None:
+        """Restore the algorithm's invariants on the survivors (default: nothing to do:
+        the iterate and the inner optimizer's state, e.g. momentum, are local)."""
 
     def _local_phase(self, mix: Mix) -> None:
         raise NotImplementedError
@@ -533,24 +578,38 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            prefetched = self._inflight is not None
-            if prefetched:
-                self._wait_inflight()
-            if self._amp_skip():
-                return loss
-            mix = self._plan()
-            if not prefetched:
-                self._run_local(mix)
-                if mix is Mix.NEIGHBOR:
-                    for k, buf in enumerate(self._mix_buffers()):
-                        self._comm.neighbor_allreduce_(buf, name=self._buffer_name(k))
-                elif mix is Mix.GLOBAL:
-                    for k, buf in enumerate(self._mix_buffers()):
-                        self._comm.allreduce_(buf, average=True, name=self._buffer_name(k))
-            self._run_finish(mix)
-            if mix is Mix.NEIGHBOR:
-                self._comm.advance_round()
+            while True:
+                try:
+                    self._step_body()
+                    break
+                except PeerFailureError as err:
+                    ran = self._local_ran
+                    self._survive(err)
+                    if ran:  # the step ran as a local one; else run it on the survivors
+                        break
         return loss
+
+    def _step_body(self) -> None:
+        if self._deferred_failure is not None:  # from begin_communication (a backward hook)
+            err, self._deferred_failure = self._deferred_failure, None
+            raise err
+        prefetched = self._inflight is not None
+        if prefetched:
+            self._wait_inflight()
+        if self._amp_skip():
+            return
+        mix = self._plan()
+        if not prefetched:
+            self._run_local(mix)
+            if mix is Mix.NEIGHBOR:
+                for k, buf in enumerate(self._mix_buffers()):
+                    self._comm.neighbor_allreduce_(buf, name=self._buffer_name(k))
+            elif mix is Mix.GLOBAL:
+                for k, buf in enumerate(self._mix_buffers()):
+                    self._comm.allreduce_(buf, average=True, name=self._buffer_name(k))
+        self._run_finish(mix)
+        if mix is Mix.NEIGHBOR:
+            self._comm.advance_round()
 
     def _amp_skip(self) -> bool:
         """GradScaler protocol: agree on overflow across ranks, unscale; True = skip."""
@@ -602,10 +661,14 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             return False
         with torch.no_grad():
             self._run_local(mix)
-            self._inflight = [
-                self._comm.neighbor_allreduce_nonblocking_(buf, name=self._buffer_name(k))
-                for k, buf in enumerate(self._mix_buffers())
-            ]
+            try:
+                self._inflight = [
+                    self._comm.neighbor_allreduce_nonblocking_(buf, name=self._buffer_name(k))
+                    for k, buf in enumerate(self._mix_buffers())
+                ]
+            except PeerFailureError as err:  # raised in a backward hook: step() handles it
+                self._inflight = []
+                self._deferred_failure = err
         return True
 
     def _wait_inflight(self) -> None:

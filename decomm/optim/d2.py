@@ -172,6 +172,11 @@ class D2(DecentralizedOptimizer):
     def _finish_phase(self, mix: Mix) -> None:
         pass
 
+    def _restart_after_loss(self) -> None:
+        # x^{t-1} belongs to the old graph (its mix had the dead nodes' values): restart
+        # with the first-step form x^1 = W(x^0 - u^0) on the survivors' graph.
+        self._started = False
+
     def _state_tensors(self) -> dict[str, list[Tensor]]:
         return {"previous": self._h}
 

@@ -119,6 +119,11 @@ class GradientTracking(DecentralizedOptimizer):
     def _finish_phase(self, mix: Mix) -> None:
         pass
 
+    def _restart_after_loss(self) -> None:
+        # The invariant sum_i y_i = sum_i g_i lost the dead nodes' terms: every survivor
+        # restarts its tracker from its own gradient at the next step (y = g).
+        self._initialized = False
+
     def _state_tensors(self) -> dict[str, list[Tensor]]:
         return {
             "tracker": [b.segment(1) for b in self._buckets],

@@ -27,9 +27,10 @@ LAYERS: dict[str, int] = {
     "decomm.errors": 0, "decomm._version": 0, "decomm.backends": 0, "decomm.interop": 0,
     "decomm.topology": 0, "decomm.data": 0, "decomm.compression": 0,
     "decomm._state": 1, "decomm._checks": 1, "decomm._agree": 1,
-    "decomm.timeline": 2, "decomm.cuda_ops": 2,
+    "decomm.timeline": 2, "decomm.cuda_ops": 2, "decomm._failure": 2,
     "decomm.ops": 3, "decomm.hierarchical": 3, "decomm.win": 3,
     "decomm.runtime": 4, "decomm.optim": 4, "decomm.amp": 4, "decomm.checkpoint": 4,
+    "decomm.fault": 4,
     "decomm.sim": 5, "decomm.vsim": 5, "decomm.compat": 5, "decomm.launcher": 5, "decomm.__main__": 5, "decomm": 5,
 }
 

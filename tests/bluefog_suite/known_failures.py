@@ -1,13 +1,26 @@
 """The one list of BlueFog tests that are not run against decomm.compat.bluefog, and why.
 
 Keys are ``file::Class::test`` (``file::test`` for module-level tests; a parametrized
-test is listed by its base name). ``nps`` is the set of MPI sizes where it is known to
-fail (``None``: all). conftest.py marks these ``xfail(run=False)``: a test that fails on
-some ranks only would leave the others waiting in a collective, so none is run.
+test is listed by its base name), or a bare ``file`` for every test in it. The value's
+first item is the set of MPI sizes where it is known to fail (``None``: all).
+conftest.py marks these ``xfail(run=False)``: a test that fails on some ranks only
+would leave the others waiting in a collective, so none is run.
 """
 
 from __future__ import annotations
 
 # test id -> (MPI sizes, reason)
 KNOWN_FAILURES: dict[str, tuple[set[int] | None, str]] = {
+    "timeline_test.py::TimelineTests::test_timeline_multi_threads": (
+        None, "asserts BlueFog's JSON text '\"tid\": 1' and '\"tid\": 2'; decomm's timeline "
+        "writes compact JSON ('\"tid\":1') and numbers thread lanes from 0 (both threads' "
+        "spans are there, on lanes 0 and 1)"),
+    "torch_hierarchical_test.py": (
+        {1}, "its fixture asserts an even number of ranks (BlueFog runs it with 2 ranks per "
+        "machine); fails the same way on BlueFog"),
+    "torch_hierarchical_test.py::test_hier_neighbor_allreduce_dynamic_move": (
+        {2}, "one machine: the move's source machine is this machine itself, which BlueFog "
+        "also refuses (ValueError: not an in-neighbour machine)"),
+    "torch_hierarchical_test.py::test_hier_neighbor_allreduce_dynamic_move_dst_weight": (
+        {2}, "one machine, as test_hier_neighbor_allreduce_dynamic_move"),
 }

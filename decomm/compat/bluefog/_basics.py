@@ -435,16 +435,14 @@ def timeline_start_activity(tensor_name: str, activity_name: str) -> bool:
 
 def timeline_end_activity(tensor_name: str) -> bool:
     """Close the span opened for ``tensor_name`` on this thread; the file is rewritten
-    within 50 ms so that the span can be read (BlueFog writes its timeline continuously)."""
+    at once so that the span can be read (BlueFog writes its timeline continuously)."""
     if _timeline_off("end"):
         return False
     cm = _b.activities.pop((tensor_name, threading.get_ident()), None)
     if cm is None:
         return False
     cm.__exit__(None, None, None)
-    from ._handles import schedule_flush
-
-    schedule_flush()
+    timeline.flush()
     return True
 
 

@@ -10,7 +10,8 @@ overlap).
 Timeline: with the timeline on, every compat op is also recorded under BlueFog's
 activity names (``ENQUEUE_<OP>`` for the call, ``MPI_<OP>`` for the wait), and the
 file is rewritten shortly after (BlueFog's timeline is a continuously written file;
-decomm's is written on flush), at most every 50 ms.
+decomm's is written on flush): within 50 ms of an op, and at once by ``barrier`` and
+``timeline_end_activity``.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ... import hierarchical, ops
+from ... import hierarchical, ops, timeline
 from . import _basics as B
 from . import _handles as H
 
@@ -435,5 +435,8 @@ def pair_gossip(tensor: torch.Tensor, target_rank: int, self_weight: float | Non
 
 
 def barrier() -> None:
-    """Wait until every rank has called it."""
+    """Wait until every rank has called it. With the timeline on, the file is rewritten
+    first, so that it holds every op this rank made before the barrier."""
+    if timeline.is_enabled():
+        timeline.flush()
     ops.barrier()

@@ -225,7 +225,8 @@ def win_free(name: str | None = None) -> bool:
     names = sorted(_aux) if name is None else [name]
     for nm in names:
         aux = _get_aux(nm)
-        win.win_free(nm)
+        if nm in win.win_names():  # decomm frees its own windows at exit, maybe first
+            win.win_free(nm)
         _aux.pop(nm)
         aux.win.Free()
     if name is None and win.win_names():  # windows made with decomm.win directly

@@ -30,9 +30,11 @@ BlueFog's per-step knobs are honoured at every exchange: ``opt.self_weight``,
 a list of ranks, weight 1), ``opt.src_machine_weights`` / ``opt.dst_machine_weights``
 (hierarchical) and ``opt.enable_topo_check`` (check with one ``allgather`` that the
 ranks' ``dst_weights`` and ``src_weights`` describe the same edges; a
-``DecommError`` names the first mismatch).  With all knobs ``None`` the weights are
-BlueFog's defaults: the topology's weights if it was set as weighted, otherwise
-the uniform average ``1 / (in-degree + 1)`` over this rank and its in-neighbours.
+``ValueError`` on every rank names the mismatched edges).  With all knobs ``None``
+the weights are BlueFog's defaults: the graph's weights if it was set with
+``is_weighted=True``, otherwise the uniform average ``1 / (in-degree + 1)`` over
+this rank and its in-neighbours.  The weight arguments are translated by the same
+code as ``bf.neighbor_allreduce``'s.
 
 ``num_steps_per_communication = J`` has BlueFog's meaning: it counts *passes*
 between exchanges - training-mode forward passes of the model (AWC and the window
@@ -73,7 +75,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import importlib
 import itertools
 import warnings
 from collections.abc import Callable, Iterator
@@ -87,6 +88,7 @@ from ...errors import DecommError
 from ...optim import DSGD
 from ...optim._base import DecentralizedOptimizer, Mix
 from ...optim.comm import MPICommunicator, PendingExchange
+from . import _basics, _ops
 
 __all__ = [
     "CommunicationType",
@@ -158,75 +160,13 @@ def _check_type(value: Any) -> CommunicationType:
     return value
 
 
-def _core_attr(name: str) -> Any:
-    """An attribute of the compat package (its core), or None while it lacks it."""
-    try:
-        pkg = importlib.import_module("decomm.compat.bluefog")
-    except ImportError:  # pragma: no cover - the package imports this module
-        return None
-    return getattr(pkg, name, None)
-
-
-def _topology_is_weighted() -> bool:
-    """BlueFog's ``is_topo_weighted()``: False unless the core says the topology is weighted."""
-    fn = _core_attr("is_topo_weighted")
-    return bool(fn()) if callable(fn) else False
-
-
-def bluefog_weights(self_weight: Any, src_weights: Any, dst_weights: Any
-                    ) -> tuple[Any, Any, Any]:
-    """decomm ``neighbor_allreduce`` weights for BlueFog's arguments.
-
-    BlueFog's rules: ``dst_weights`` (a dict, or a list of ranks meaning weight 1)
-    needs ``self_weight`` and ``src_weights``; ``self_weight`` and ``src_weights``
-    come together; with none of them the topology's weights apply if it is
-    weighted, else ``1 / (in-degree + 1)`` for this rank and each in-neighbour of
-    the current round.
-    """
-    if dst_weights is not None:
-        if self_weight is None or src_weights is None:
-            raise ValueError("self_weight and src_weights must be set when dst_weights is "
-                             "(together they define a dynamic topology)")
-        if isinstance(dst_weights, (list, tuple)):
-            if len(set(dst_weights)) != len(dst_weights):
-                raise ValueError(f"dst_weights {list(dst_weights)} names a rank twice")
-            dst_weights = {r: 1.0 for r in dst_weights}
-        return self_weight, src_weights, dst_weights
-    if (self_weight is None) != (src_weights is None):
-        raise ValueError("self_weight and src_weights must be set together (or neither, "
-                         "for the topology's weights)")
-    if self_weight is not None:
-        return self_weight, src_weights, None
-    if _topology_is_weighted():
-        return None, None, None
-    ins = runtime.in_neighbors()
-    w = 1.0 / (len(ins) + 1)
-    return w, {j: w for j in ins}, None
-
-
-def check_dynamic_edges(src_weights: Any, dst_weights: Any, what: str) -> None:
-    """Raise ``DecommError`` unless ``j in dst_i`` iff ``i in src_j`` for all ranks (collective).
-
-    One ``allgather`` of ``2 * size`` int8 per rank.
-    """
-    n, me = runtime.size(), runtime.rank()
-    row = torch.zeros(2 * n, dtype=torch.int8)
-    for j in (dst_weights or {}):
-        row[int(j)] = 1
-    for j in (src_weights or {}):
-        row[n + int(j)] = 1
-    table = ops.allgather(row.view(1, -1), name=f"{what}.topo_check").view(n, 2 * n)
-    sends, recvs = table[:, :n].bool(), table[:, n:].bool()
-    bad = (sends != recvs.T).nonzero().tolist()
-    if bad:
-        i, j = bad[0]
-        if bool(sends[i, j]):
-            msg = f"rank {i} sends to rank {j}, but rank {j} does not list {i} in src_weights"
-        else:
-            msg = f"rank {j} lists rank {i} in src_weights, but rank {i} does not send to {j}"
-        raise DecommError(f"{what} on rank {me}: enable_topo_check found that the ranks' "
-                          f"dst_weights and src_weights disagree: {msg} "
-                          f"({len(bad)} mismatched edge(s))")
+def _uniform_or_graph_weights(ins: list[int]) -> tuple[float, dict[int, float]]:
+    """BlueFog's default receive weights: the graph's if set ``is_weighted``, else uniform."""
+    given = _basics.default_recv_weights()
+    if given is not None:
+        return given
+    share = 1.0 / (len(ins) + 1)
+    return share, {j: share for j in ins}
 
 
 class _KnobCommunicator(MPICommunicator):
@@ -240,29 +180,33 @@ class _KnobCommunicator(MPICommunicator):
     def supports_nonblocking(self) -> bool:  # type: ignore[override]
         return self._owner.communication_type is CommunicationType.neighbor_allreduce
 
-    def _weights(self, name: str | None) -> tuple[Any, Any, Any]:
+    def _kwargs(self, tensor: Tensor, name: str | None) -> dict[str, Any]:
+        # the core's translation of BlueFog's weight arguments (defaults, list-form
+        # dst_weights, enable_topo_check), so the optimizers mix exactly as
+        # bf.neighbor_allreduce would
         o = self._owner
-        sw, src, dst = bluefog_weights(o.self_weight, o.src_weights, o.dst_weights)
-        if o.enable_topo_check and dst is not None:
-            check_dynamic_edges(src, dst, name or "neighbor_allreduce")
-        return sw, src, dst
+        return _ops._na_args(tensor, o.self_weight, o.src_weights, o.dst_weights,
+                             bool(o.enable_topo_check), name)
 
     def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
         o = self._owner
         if o.communication_type is CommunicationType.hierarchical_neighbor_allreduce:
+            if (o.self_weight is None) != (o.src_machine_weights is None):
+                raise ValueError("self_weight and src_machine_weights must be set together "
+                                 "(or neither, for the machine topology's weights)")
+            sw, src, dst = _ops._hier_args(o.self_weight, o.src_machine_weights,
+                                           o.dst_machine_weights)
+            if o.enable_topo_check:
+                _ops._check_machine_graph(sorted(src), sorted(dst), name or "hierarchical")
             return hierarchical.hierarchical_neighbor_allreduce_(
-                tensor, self_weight=o.self_weight, src_machine_weights=o.src_machine_weights,
-                dst_machine_weights=o.dst_machine_weights, name=name)
-        sw, src, dst = self._weights(name)
-        return ops.neighbor_allreduce_(tensor, self_weight=sw, src_weights=src,
-                                       dst_weights=dst, name=name)
+                tensor, self_weight=sw, src_machine_weights=src, dst_machine_weights=dst,
+                name=name)
+        return ops.neighbor_allreduce_(tensor, **self._kwargs(tensor, name))
 
     def neighbor_allreduce_nonblocking_(
         self, tensor: Tensor, name: str | None = None
     ) -> PendingExchange:
-        sw, src, dst = self._weights(name)
-        return ops.neighbor_allreduce_nonblocking_(tensor, self_weight=sw, src_weights=src,
-                                                   dst_weights=dst, name=name)
+        return ops.neighbor_allreduce_nonblocking_(tensor, **self._kwargs(tensor, name))
 
 
 # -------------------------------------------------------- shared BlueFog state
@@ -754,10 +698,8 @@ class _WindowOptimizer(_BlueFogKnobs, DecentralizedOptimizer):
             self._w[k] = w
             torch.div(msg[: b.numel], w, out=b.flat)
             return msg
-        if _topology_is_weighted():
-            return win.win_update(name)
-        share = 1.0 / (len(ins) + 1)
-        return win.win_update(name, self_weight=share, neighbor_weights={j: share for j in ins})
+        sw, nb = _uniform_or_graph_weights(ins)
+        return win.win_update(name, self_weight=sw, neighbor_weights=nb)
 
     def _finish_phase(self, mix: Mix) -> None:
         self._inner_step()

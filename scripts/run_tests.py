@@ -3,13 +3,18 @@
 1. ``tests/unit`` in one process (pytest).
 2. ``tests/mpi`` under ``mpirun -np N`` for each N (default 1 2 3 4 5; oversubscribed),
    each rank logging to its own file, each run bounded by an outer timeout.
+3. ``tests/bluefog_suite`` (BlueFog's own tests against ``decomm.compat.bluefog``) under
+   ``mpirun -np N`` for N in 1 2 4, in three sessions per N (the timeline and the
+   hierarchical files set environment variables that BlueFog reads at ``init``); known
+   failures are listed in ``tests/bluefog_suite/known_failures.py``.
 
 A test counts as failed if it failed on any rank; an mpirun that exits non-zero
 without a recorded failure (crash, abort, timeout) counts as one failure. The last
 line is ``N passed, N failed, N skipped`` and the exit code is non-zero on any
 failure or when no test ran.
 
-Usage: python scripts/run_tests.py [--np 1,2,3,4,5] [--only unit|mpi] [-k EXPR] [paths...]
+Usage: python scripts/run_tests.py [--np 1,2,3,4,5] [--bluefog-np 1,2,4]
+       [--only unit|mpi|bluefog] [paths...]
 """
 
 from __future__ import annotations
@@ -87,22 +92,33 @@ def run_unit(tmp: Path, extra: list[str], timeout: int) -> tuple[int, int, int]:
     return p, f, s
 
 
-def run_mpi(n: int, tmp: Path, extra: list[str], timeout: int) -> tuple[int, int, int]:
-    logdir = tmp / f"np{n}"
+BLUEFOG_SESSIONS = {  # label -> files of tests/bluefog_suite run in one pytest session
+    "ops": ["torch_basics_test.py", "torch_ops_test.py", "torch_win_ops_test.py",
+            "torch_optimizer_test.py"],
+    "timeline": ["timeline_test.py"],
+    "hierarchical": ["torch_hierarchical_test.py"],
+}
+
+
+def run_mpi(n: int, tmp: Path, extra: list[str], timeout: int,
+            label: str = "mpi") -> tuple[int, int, int]:
+    logdir = tmp / (f"np{n}" if label == "mpi" else f"{label}-np{n}")
     logdir.mkdir()
     report = logdir / "rank{rank}.json"
     paths = extra or ["tests/mpi"]
     cmd = [mpirun_path(), "-np", str(n), "--oversubscribe", "--bind-to", "none",
            sys.executable, "tests/mpi/rank_main.py", str(logdir), "--",
            *PYTEST_COMMON, "--with-mpi", "--timeout=300", *paths]
-    print(f"[tests] mpi np={n}: {' '.join(cmd)}", flush=True)
+    print(f"[tests] {label} np={n}: {' '.join(cmd)}", flush=True)
     env = dict(mpi_env(), DECOMM_TEST_REPORT=str(report))
+    if label != "mpi":  # a rank left waiting by a failed peer raises within a minute
+        env.setdefault("DECOMM_TIMEOUT", "60")
     t0 = time.time()
     try:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         rc = -1
-        print(f"[tests] mpi np={n}: timed out after {timeout} s", flush=True)
+        print(f"[tests] {label} np={n}: timed out after {timeout} s", flush=True)
     outcomes = read_reports(sorted(logdir.glob("rank*.json")))
     p, f, s = count(outcomes)
     failing_logs = []
@@ -121,24 +137,26 @@ def run_mpi(n: int, tmp: Path, extra: list[str], timeout: int) -> tuple[int, int
                   flush=True)
     if rc != 0 and f == 0:
         f = 1
-        print(f"[tests] mpi np={n}: mpirun exited {rc} without a recorded failure; logs in "
+        print(f"[tests] {label} np={n}: mpirun exited {rc} without a recorded failure; logs in "
               f"{logdir}", flush=True)
         for r in range(n):
             log = logdir / f"rank{r}.log"
             if log.exists():
                 print(f"----- np={n} rank {r} log (tail) -----\n"
                       + "\n".join(log.read_text().splitlines()[-30:]), flush=True)
-    print(f"[tests] mpi np={n}: {p} passed, {f} failed, {s} skipped in {time.time() - t0:.0f} s",
-          flush=True)
+    print(f"[tests] {label} np={n}: {p} passed, {f} failed, {s} skipped in "
+          f"{time.time() - t0:.0f} s", flush=True)
     return p, f, s
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--np", default="1,2,3,4,5", help="comma-separated MPI sizes")
-    ap.add_argument("--only", choices=("unit", "mpi"), default=None)
+    ap.add_argument("--bluefog-np", default="1,2,4",
+                    help="comma-separated MPI sizes for tests/bluefog_suite")
+    ap.add_argument("--only", choices=("unit", "mpi", "bluefog"), default=None)
     ap.add_argument("--timeout", type=int, default=1500, help="seconds per pytest/mpirun run")
-    ap.add_argument("paths", nargs="*", help="test files (unit or mpi, by --only)")
+    ap.add_argument("paths", nargs="*", help="test files (unit, mpi or bluefog, by --only)")
     args = ap.parse_args()
     totals = [0, 0, 0]
     with tempfile.TemporaryDirectory(prefix="decomm-tests-") as tmpdir:
@@ -151,6 +169,17 @@ def main() -> int:
                 extra = args.paths if args.only else []
                 for i, v in enumerate(run_mpi(n, tmp, extra, args.timeout)):
                     totals[i] += v
+        if args.only in (None, "bluefog"):
+            suite = "tests/bluefog_suite/"
+            if args.only and args.paths:
+                sessions = {"selected": args.paths}
+            else:
+                sessions = {k: [suite + f for f in v] for k, v in BLUEFOG_SESSIONS.items()}
+            for n in [int(x) for x in args.bluefog_np.split(",") if x]:
+                for label, files in sessions.items():
+                    for i, v in enumerate(run_mpi(n, tmp, files, args.timeout,
+                                                  label=f"bluefog-{label}")):
+                        totals[i] += v
     passed, failed, skipped = totals
     print(f"{passed} passed, {failed} failed, {skipped} skipped", flush=True)
     if failed:

@@ -82,6 +82,7 @@ class _Basics:
         self.activities: dict[tuple[str, int], Any] = {}
         self.warned_timeline = False
         self.atexit = False
+        self.installed: Any = None  # the decomm Topology installed for ``topology``
 
 
 _b = _Basics()
@@ -322,17 +323,32 @@ def set_topology(topology: nx.DiGraph | None = None, is_weighted: bool = False) 
     _check_digraph(topology, n, "topology", "bf.size()")
     if _equivalent(topology, _b.topology):
         _b.weighted = bool(is_weighted)
+        ensure_installed()
         return True
     if win.win_names():
         if local_rank() == 0:
             logger.error("Cannot set topology while windows exist (windows: %s); call "
                          "win_free() first.", win.win_names())
         return False
-    label = f"bluefog graph (n={n}, edges={topology.number_of_edges()})"
-    runtime.set_topology(_topo.Topology.from_matrices(uniform_matrix(topology), name=label))
+    _install(topology)
     _b.topology = topology
     _b.weighted = bool(is_weighted)
     return True
+
+
+def _install(topology: nx.DiGraph) -> None:
+    label = f"bluefog graph (n={topology.number_of_nodes()}, edges={topology.number_of_edges()})"
+    topo = _topo.Topology.from_matrices(uniform_matrix(topology), name=label)
+    runtime.set_topology(topo)
+    _b.installed = topo
+
+
+def ensure_installed() -> None:
+    """Re-install the graph's uniform matrix if decomm's topology was changed behind the
+    compat layer's back (a direct ``decomm.set_topology``; collective like that call, so
+    every rank notices it at the same op)."""
+    if _b.topology is not None and runtime.get_topology() is not _b.installed:
+        _install(_b.topology)
 
 
 def load_topology() -> nx.DiGraph | None:
@@ -362,7 +378,9 @@ def out_neighbor_ranks() -> list[int]:
 
 
 def default_recv_weights() -> tuple[float, dict[int, float]] | None:
-    """The graph's weights for this rank when ``is_weighted``; None for the uniform ones."""
+    """The graph's weights for this rank when ``is_weighted``; None for the uniform ones
+    (then decomm's topology in force - re-installed here if need be - gives them)."""
+    ensure_installed()
     if not _b.weighted or _b.topology is None:
         return None
     return recv_weights(_b.topology, rank())

@@ -130,6 +130,7 @@ def check_topology(src: list[int], dst: list[int], label: str) -> None:
 def _na_args(tensor: Any, self_weight: Any, src_weights: Any, dst_weights: Any,
              enable_topo_check: bool, name: Any) -> dict[str, Any]:
     """decomm keyword arguments for one BlueFog ``neighbor_allreduce`` call."""
+    B.ensure_installed()
     if (self_weight is None) != (src_weights is None):
         raise ValueError("Arguments self_weight and src_weights have to be presented at "
                          "the same time")
@@ -389,6 +390,7 @@ def neighbor_allgather_nonblocking(tensor: torch.Tensor, *, src_ranks: list[int]
         raise ValueError("Argument dst_ranks and src_ranks have to be presented at the same "
                          "time")
     if src_ranks is None:
+        B.ensure_installed()
         return H.traced_call("NEIGHBOR_ALLGATHER", name,
                              lambda: H.Done(ops.neighbor_allgather(tensor, name=name)))
     src = _ranks(src_ranks, "src_ranks")

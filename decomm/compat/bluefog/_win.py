@@ -202,6 +202,7 @@ def win_create(tensor: torch.Tensor, name: str, zero_init: bool = False) -> bool
         return False
     st = _state.require()
     MPI = _mpi()
+    B.ensure_installed()  # the window's neighbours are the graph's
     win.win_create(tensor, name, zero_init=zero_init, self_init=not zero_init)
     n = st.size
     try:

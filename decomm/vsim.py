@@ -5,9 +5,12 @@ and n wrapped-optimizer steps per step.  :class:`VectorizedSimulation` runs the
 same algorithms with every node's state *stacked*: each parameter of shape
 ``s`` is one tensor of shape ``(n, *s)`` (node ``i`` is ``p[i]``), and
 
-* the n forward/backward passes are one ``torch.func.vmap`` of
-  ``torch.func.grad_and_value`` of ``torch.func.functional_call`` over the
-  stacked parameters and the per-node data batches (leading dimension n);
+* the n forward passes are one ``torch.func.vmap`` of
+  ``torch.func.functional_call`` over the stacked parameters and the per-node
+  data batches (leading dimension n), giving the n losses ``L_i(θ_i)``; the n
+  backward passes are one backward of ``Σ_i L_i``, whose gradient with respect
+  to the stacked parameters is ``∇L_i(θ_i)`` in row i (node i's loss depends on
+  its own parameters only);
 * the n optimizer steps are **one** step of the user's torch optimizer over the
   stacked parameters.  For optimizers whose update is elementwise with shared
   hyper-parameters (SGD with momentum / Nesterov / weight decay, Adam, AdamW,
@@ -412,25 +415,37 @@ class VectorizedSimulation:
 
     # ------------------------------------------------------------------- step
     def _grads(self, loss_fn: Callable[..., Tensor], batch: Sequence[Tensor]) -> Tensor:
-        """Per-node gradients into ``.grad`` of the stacked parameters; the n losses."""
+        """Per-node gradients into ``.grad`` of the stacked parameters; the n losses.
+
+        The vmapped forward gives the n losses ``L_i(θ_i)``; node i's loss depends on
+        its own slice ``θ_i`` only, so one backward of ``Σ_i L_i`` through the stacked
+        parameters yields every node's own gradient ``∇L_i(θ_i)`` in row i.  (Faster
+        than ``vmap(grad(L))``: the backward runs on the batched kernels the forward
+        recorded instead of through vmap's batching rules again.)
+        """
         module = self.model
 
         def node_loss(params: dict[str, Tensor], buffers: dict[str, Tensor],
                       *data: Tensor) -> Tensor:
             return loss_fn(_NodeModel(module, params, buffers), *data)
 
-        params = {k: p.detach() for k, p in self._stacked.items()}
-        fn = torch.func.vmap(
-            torch.func.grad_and_value(node_loss),
-            in_dims=(0, None, *([0] * len(batch))), out_dims=(0, 0),
-            randomness=self.randomness)
+        for p in self._stacked.values():
+            p.grad = None
+        fn = torch.func.vmap(node_loss, in_dims=(0, None, *([0] * len(batch))),
+                             randomness=self.randomness)
         try:
-            grads, losses = fn(params, self._buffers, *batch)
+            with torch.enable_grad():
+                losses = fn(dict(self._stacked), self._buffers, *batch)
+                if not isinstance(losses, Tensor) or losses.shape != (self.n,):
+                    got = (tuple(losses.shape[1:]) if isinstance(losses, Tensor)
+                           else type(losses).__name__)
+                    raise DecommError(
+                        f"loss_fn must return one scalar tensor per node, got {got} per "
+                        f"node")
+                if losses.requires_grad:
+                    losses.sum().backward()
         except RuntimeError as e:
             raise _explain(e) from e
-        for k, p in self._stacked.items():
-            if p.requires_grad:
-                p.grad = grads[k]
         return losses.detach()
 
     def step(self, loss_fn: Callable[..., Tensor] | None = None, *batch: Tensor) -> Tensor | None:

@@ -61,12 +61,22 @@ class PushWeights:
         self._push = push
         self._cache: dict[tuple, tuple] = {}
         self._matrices: dict[tuple, Any] = {}
+        self._held: Any = None  # the topology the caches describe (a strong reference,
+        # so that its id, part of the cache keys, cannot be reused by a new topology)
+
+    def _current(self) -> Any:
+        topo = self._topology()
+        if topo is not self._held:
+            self._held = topo
+            self._cache.clear()
+            self._matrices.clear()
+        return topo
 
     def of(self, i: int, t: int) -> tuple[float, dict[int, float], dict[int, float]]:
         """(``P[i, i]``, src_weights ``{j: 1}``, dst_weights ``{j: P[j, i]}``) of rank i."""
         if self._push is None:
-            topo = self._topology()
-            key = (id(topo), topo.round_index(t), i)
+            topo = self._current()
+            key = (topo.round_index(t), i)
             hit = self._cache.get(key)
             if hit is None:
                 out = topo.out_neighbors(i, t)
@@ -100,8 +110,8 @@ class PushWeights:
         if self._push is not None:
             key: tuple = ("P", self._push.round_index(t))
         else:
-            topo = self._topology()
-            key = (id(topo), topo.round_index(t))
+            topo = self._current()
+            key = (topo.round_index(t),)
         hit = self._matrices.get(key)
         if hit is not None:
             return hit
@@ -346,6 +356,7 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
         #: exchanges in flight, oldest first: (slot, MPI handles or None when mixed already)
         self._queue: list[tuple[int, list[PendingExchange] | None]] = []
         self._slot = 0
+        self._off_diagonal: tuple[Any, Any] | None = None  # (P(t), P(t) − diag)
         super().__init__(
             optimizer,
             communicate_every=communicate_every,
@@ -406,9 +417,12 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
         mat = self._pw.matrix(t)
         if not self.overlap:
             return mat
-        off = mat.tolil()
-        off.setdiag(0.0)  # the self share is kept at once, only the rest travels
-        return off.tocsr()
+        held = self._off_diagonal
+        if held is None or held[0] is not mat:
+            off = mat.tolil()
+            off.setdiag(0.0)  # the self share is kept at once, only the rest travels
+            held = self._off_diagonal = (mat, off.tocsr())
+        return held[1]
 
     def _mix_buffers(self) -> list[Tensor]:
         return self._msg

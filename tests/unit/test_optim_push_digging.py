@@ -305,3 +305,15 @@ def test_errors():
     A, B, _ = problem()
     with pytest.raises(DecommError, match="PushDIGing: push-sum weight became 0.0 on rank 0"):
         sim.step(loss_fn(A, B))
+
+
+def test_push_weights_follow_a_changed_topology():
+    """set_topology to a new graph: the cached weights and matrices are not reused."""
+    adj = directed_adjacency(4)
+    holder = [Topology.from_matrices(adj / adj.sum(axis=1, keepdims=True))]
+    pw = PushWeights(lambda: holder[0], None)
+    assert pw.of(0, 0)[0] == pytest.approx(1 / 4)  # node 0 sends to everyone
+    assert pw.matrix(0)[0, 0] == pytest.approx(1 / 4)
+    holder[0] = RingGraph(4)  # out-degree 2 everywhere
+    assert pw.of(0, 0)[0] == pytest.approx(1 / 3)
+    np.testing.assert_allclose(pw.matrix(0).toarray(), RingGraph(4).matrix(0), atol=1e-15)

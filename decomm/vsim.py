@@ -538,9 +538,13 @@ class VectorizedSimulation:
         return self.param_matrix().double().mean(dim=0)
 
     def consensus_distance(self) -> float:
-        """``(1/n) Σ_i ‖x_i − x̄‖²``, in float64."""
-        x = self.param_matrix().double()
-        return float((x - x.mean(dim=0)).square().sum(dim=1).mean())
+        """``(1/n) Σ_i ‖x_i − x̄‖²``, in float64, one parameter at a time (no ``(n, d)``
+        float64 copy of the whole model: 25 VGG-11 nodes would need 1.8 GB for it)."""
+        total = 0.0
+        for p in self._stacked.values():
+            x = p.detach().reshape(self.n, -1).double()
+            total += float((x - x.mean(dim=0)).square().sum())
+        return total / self.n
 
     def node_model(self, i: int) -> nn.Module:
         """A standalone copy of the model with node ``i``'s parameters (e.g. to save)."""

@@ -406,3 +406,29 @@ def test_tiny_gpu_example_runs_on_cpu():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "step 2/2" in out.stdout and "ms/step" in out.stdout
     assert "done" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_mixing_matches_looped(dtype):
+    """Pure gossip (lr = 0) of low-precision parameters: both simulators mix in float32
+    and round back, so they agree to the dtype's rounding of a float32 result."""
+    def lin():
+        return nn.Linear(6, 3, dtype=dtype)
+
+    topo = BaseGraph(N, 1)
+    torch.manual_seed(0)
+    looped = Simulation(topo, lin, sgd(lr=0.0), DSGD, identical_init=False)
+    torch.manual_seed(0)
+    vec = VectorizedSimulation(topo, lin, sgd(lr=0.0), DSGD, identical_init=False)
+    X = looped.param_matrix().double().numpy()
+    for t in range(3):
+        for p in (p for m in looped.models for p in m.parameters()):
+            p.grad = torch.zeros_like(p)
+        looped.step()
+        vec.step()
+        X = topo.matrix(t) @ X
+    assert vec.param_matrix().dtype == dtype
+    eps = torch.finfo(dtype).eps
+    np.testing.assert_allclose(vec.param_matrix().double().numpy(),
+                               looped.param_matrix().double().numpy(), rtol=0, atol=2 * eps)
+    np.testing.assert_allclose(vec.param_matrix().double().numpy(), X, rtol=0, atol=8 * eps)

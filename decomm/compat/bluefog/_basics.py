@@ -142,12 +142,16 @@ def init(topology_fn: Callable[[int], nx.DiGraph] | None = None,
         _b.atexit = True
 
 
+#: Run by :func:`shutdown` before decomm stops (the window module frees its windows):
+#: registered by the modules above this one, which this one does not import.
+on_shutdown: list[Callable[[], None]] = []
+
+
 def shutdown() -> None:
     """Free the windows and stop decomm (BlueFog's ``bf.shutdown``)."""
-    from . import _win
-
     if runtime.is_initialized():
-        _win.free_all_local()
+        for hook in on_shutdown:
+            hook()
         hierarchical.shutdown_machines()
         runtime.shutdown()
     _b.topology = None

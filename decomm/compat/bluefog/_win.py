@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ... import _state, win
+from ... import _state, ops, win
 from . import _basics as B
 from . import _handles as H
 
@@ -239,6 +239,9 @@ def free_all_local() -> None:
     """Free every window (from ``shutdown``; collective like it)."""
     if _aux or win.win_names():
         win_free()
+
+
+B.on_shutdown.append(free_all_local)
 
 
 def get_current_created_window_names() -> list[str]:
@@ -496,7 +499,5 @@ def win_fence(name: str) -> bool:
     """Collective: every window op any rank issued before it is complete everywhere after
     it (decomm's ops complete at return, so a barrier suffices). Returns True."""
     _get_aux(name)
-    from ... import ops
-
     ops.barrier()
     return True

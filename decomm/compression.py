@@ -344,7 +344,7 @@ class _Sparse(Compressor):
     def _decompress(self, payload: Payload) -> Tensor:
         vals = payload["values"]
         out = torch.zeros(payload.numel, dtype=payload.dtype, device=vals.device)
-        out[payload["indices"].long()] = vals
+        out[payload["indices"]] = vals
         return out
 
     def decompress_add_(self, out: Tensor, payload: Payload, alpha: float = 1.0) -> Tensor:
@@ -352,7 +352,7 @@ class _Sparse(Compressor):
         if out.dim() != 1 or out.numel() != payload.numel:
             raise ValueError(f"{type(self).__name__}.decompress_add_: out must be flat with "
                              f"{payload.numel} elements, got shape {tuple(out.shape)}")
-        out.index_add_(0, payload["indices"].long(), payload["values"].to(out.dtype),
+        out.index_add_(0, payload["indices"], payload["values"].to(out.dtype),
                        alpha=alpha)
         return out
 
@@ -387,11 +387,12 @@ class RandomK(_Sparse):
     def _compress(self, flat: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
         d = flat.numel()
         k = self.k(d)
-        idx = torch.randperm(d, generator=generator, device=flat.device)[:k]
+        # int32 draws: the permutation is O(d) memory per call (4 bytes per entry)
+        idx = torch.randperm(d, generator=generator, dtype=torch.int32, device=flat.device)[:k]
         vals = flat[idx]
         if self.unbiased:
             vals = vals * (d / k)
-        return {"values": vals, "indices": idx.to(torch.int32)}
+        return {"values": vals, "indices": idx.clone()}
 
     def __repr__(self) -> str:
         extra = ", unbiased=True" if self.unbiased else ""

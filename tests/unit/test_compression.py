@@ -268,3 +268,18 @@ def test_payload_of_another_compressor_is_refused():
 def test_compressor_is_abstract():
     with pytest.raises(TypeError):
         Compressor()  # type: ignore[abstract]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("comp", [TopK(0.3), Sign(), QSGD(bits=8), RandomK(0.3, seed=1)],
+                         ids=repr)
+def test_cuda_tensors_stay_on_the_device(comp):
+    x = vec(37, seed=6, dtype=torch.float32)
+    gen = comp.make_generator(0, device="cuda")
+    p = comp.compress(x.cuda(), generator=gen)
+    assert all(t.device.type == "cuda" for t in p.parts.values())
+    q = comp.decompress(p)
+    assert q.device.type == "cuda"
+    assert torch.equal(comp.decompress(comp.from_bytes(p.to_bytes(), 37, x.dtype)), q)
+    if not comp.stochastic:  # deterministic: the same numbers as on the CPU
+        assert torch.allclose(q.cpu(), comp(x), rtol=1e-6, atol=1e-7)

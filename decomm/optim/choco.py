@@ -104,7 +104,7 @@ class ChocoSGD(DecentralizedOptimizer):
         x̂_j^{t+1}   = x̂_j^t + q_j^t       for j ∈ {i} ∪ N(i)
         x_i^{t+1}   = x_i^{t+½} + γ Σ_j W[i, j] (x̂_j^{t+1} − x̂_i^{t+1})
 
-    Memory-efficient form (the paper's remark after Algorithm 2): instead of a copy
+    Memory-efficient form (the variant the paper also gives): instead of a copy
     of every neighbour's ``x̂_j`` a node keeps ``s_i = Σ_j W[i, j] x̂_j`` (itself
     included), updated by ``s_i ← s_i + Σ_j W[i, j] q_j``; since the rows of ``W``
     sum to 1, ``Σ_j W[i, j] (x̂_j − x̂_i) = s_i − x̂_i``.  State: ``x̂_i`` and ``s_i``

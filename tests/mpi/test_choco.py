@@ -20,9 +20,10 @@ from decomm.sim import Simulation
 from decomm.topology import ExponentialGraph, RingGraph, Topology
 
 D = 20
-# (compressor, consensus step γ): γ tuned so that 200 gossip steps shrink the
-# consensus distance by > 1e7 on ring / exponential graphs of 2..8 nodes in the
-# simulator (larger γ stalls or diverges, as the theory's γ ~ δρ predicts)
+# (compressor, consensus step γ): γ tuned in the simulator so that 150 gossip steps
+# shrink the consensus distance by >= 5e5 (Sign; the others by > 1e8) on ring and
+# exponential graphs of 2..8 nodes (a larger γ stalls or diverges, as the theory's
+# γ ~ δρ predicts); the test asks for 1e5
 COMPRESSORS = {
     "topk": (lambda: TopK(0.25), 0.3),
     "randomk": (lambda: RandomK(0.5, seed=7), 0.3),
@@ -91,7 +92,7 @@ def test_consensus_matches_simulation_and_preserves_the_average(name):
     topo = ExponentialGraph(n)
     decomm.set_topology(topo)
     make, gamma = COMPRESSORS[name]
-    steps = 200
+    steps = 150
     model, opt = mpi_run(make(), gamma, 0.0, start, steps, zero_loss)
     sim = simulation(topo, make(), gamma, 0.0, start)
     sim.run(zero_loss, steps)

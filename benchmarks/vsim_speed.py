@@ -5,7 +5,7 @@ digits, every node with its own shard and a batch of 32 (``--batch``) per
 step, over ``BaseGraph(n, 1)`` (time-varying, 9 rounds at n = 25), with SGD +
 momentum wrapped by each of ``--wrappers``::
 
-    python benchmarks/vsim_speed.py                 # full run, ~1 minute
+    python benchmarks/vsim_speed.py                 # full run, ~2 minutes
     python benchmarks/vsim_speed.py --quick         # a handful of steps (smoke test)
 
 Models (``--models``):
@@ -21,8 +21,11 @@ wrapper's step and the mix.  Both simulators see the same data, so the script
 also reports the largest parameter difference between them after the timed
 steps (they must agree to float32 rounding).  Each variant is timed in blocks of
 ``--block`` steps, interleaved (looped, vectorized, looped, ...) so that load
-from other processes hits both alike; the table shows the median and the best
-block (ms per step) and the ratio of the medians.  ``os.getloadavg()`` is
+from other processes hits both alike, at each torch thread count of
+``--threads`` (default 1 and 2: the looped simulator's tiny kernels do not gain
+from a second thread, the vectorized one's 25-times larger ones can); the tables
+show the median and the best block (ms per step), the ratio of the medians, and
+each simulator at its best thread count.  ``os.getloadavg()`` is
 recorded at the start and the end: compare runs only on an otherwise idle
 machine.  Writes ``benchmarks/results/vsim_speed.md``.
 """
@@ -102,7 +105,8 @@ def loss_fn(model: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def bench_one(model_name: str, wrapper: str, n: int, batch: int, blocks: int, block: int,
-              warmup: int) -> dict:
+              warmup: int, threads: list[int]) -> list[dict]:
+    """One row per torch thread count; both simulators advance through the same batches."""
     cls, kw = WRAPPERS[wrapper]
     topo = BaseGraph(n, 1)
     make_model = MODELS[model_name]
@@ -131,22 +135,28 @@ def bench_one(model_name: str, wrapper: str, n: int, batch: int, blocks: int, bl
             fn(xb, yb)
         return (time.perf_counter() - t0) / len(data) * 1e3
 
-    warm = [next_batch() for _ in range(warmup)]
-    timed(run_looped, warm)
-    timed(run_vec, warm)
-    t_loop, t_vec = [], []
-    for _ in range(blocks):
-        data = [next_batch() for _ in range(block)]
-        t_loop.append(timed(run_looped, data))
-        t_vec.append(timed(run_vec, data))
-    diff = float((looped.param_matrix() - vec.param_matrix()).abs().max())
-    med_l, med_v = statistics.median(t_loop), statistics.median(t_vec)
-    return {
-        "model": model_name, "wrapper": wrapper,
-        "params": sum(p.numel() for p in make_model().parameters()),
-        "looped_med": med_l, "looped_min": min(t_loop), "vec_med": med_v, "vec_min": min(t_vec),
-        "ratio": med_l / med_v, "diff": diff, "steps": warmup + blocks * block,
-    }
+    params = sum(p.numel() for p in make_model().parameters())
+    rows, steps = [], 0
+    for nthreads in threads:
+        torch.set_num_threads(nthreads)
+        warm = [next_batch() for _ in range(warmup)]
+        timed(run_looped, warm)
+        timed(run_vec, warm)
+        steps += warmup
+        t_loop, t_vec = [], []
+        for _ in range(blocks):
+            data = [next_batch() for _ in range(block)]
+            t_loop.append(timed(run_looped, data))
+            t_vec.append(timed(run_vec, data))
+            steps += block
+        diff = float((looped.param_matrix() - vec.param_matrix()).abs().max())
+        med_l, med_v = statistics.median(t_loop), statistics.median(t_vec)
+        rows.append({
+            "model": model_name, "wrapper": wrapper, "params": params, "threads": nthreads,
+            "looped_med": med_l, "looped_min": min(t_loop), "vec_med": med_v,
+            "vec_min": min(t_vec), "ratio": med_l / med_v, "diff": diff, "steps": steps,
+        })
+    return rows
 
 
 def main() -> None:
@@ -158,19 +168,19 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=7, help="timed blocks per variant")
     ap.add_argument("--block", type=int, default=5, help="steps per timed block")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: tiny per-node kernels gain nothing from more)")
+    ap.add_argument("--threads", default="1,2",
+                    help="torch thread counts to time, comma-separated (each row one)")
     ap.add_argument("--quick", action="store_true", help="2 blocks of 2 steps: a smoke test")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.quick:
         args.blocks, args.block, args.warmup = 2, 2, 1
-    torch.set_num_threads(args.threads)
+    threads = [int(t) for t in str(args.threads).split(",")]
     warnings.simplefilter("ignore", UserWarning)  # D2 over a time-varying graph warns
     load_start = os.getloadavg()
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"vsim_speed: {args.nodes} nodes, batch {args.batch}, BaseGraph({args.nodes}, 1), "
-          f"torch {torch.__version__}, {args.threads} thread(s), load average at start "
+          f"torch {torch.__version__}, threads {threads}, load average at start "
           f"{load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
     rows = []
     for model_name in args.models.split(","):
@@ -178,12 +188,20 @@ def main() -> None:
             if model_name not in MODELS or wrapper not in WRAPPERS:
                 raise SystemExit(f"unknown model {model_name!r} or wrapper {wrapper!r}; "
                                  f"models {sorted(MODELS)}, wrappers {sorted(WRAPPERS)}")
-            r = bench_one(model_name, wrapper, args.nodes, args.batch, args.blocks,
-                          args.block, args.warmup)
-            rows.append(r)
-            print(f"  {model_name:9s} {wrapper:17s} looped {r['looped_med']:8.2f} ms/step  "
-                  f"vectorized {r['vec_med']:7.2f} ms/step  ratio {r['ratio']:5.2f}x  "
-                  f"max |diff| {r['diff']:.1e}", flush=True)
+            for r in bench_one(model_name, wrapper, args.nodes, args.batch, args.blocks,
+                               args.block, args.warmup, threads):
+                rows.append(r)
+                print(f"  {model_name:9s} {wrapper:17s} {r['threads']} thread(s)  looped "
+                      f"{r['looped_med']:8.2f} ms/step  vectorized {r['vec_med']:7.2f} ms/step"
+                      f"  ratio {r['ratio']:5.2f}x  max |diff| {r['diff']:.1e}", flush=True)
+    best = {}
+    for r in rows:
+        key = (r["model"], r["wrapper"])
+        lo, ve = best.get(key, (float("inf"), float("inf")))
+        best[key] = (min(lo, r["looped_med"]), min(ve, r["vec_med"]))
+    for (m, w), (lo, ve) in best.items():
+        print(f"  {m:9s} {w:17s} best looped {lo:.2f} ms vs best vectorized {ve:.2f} ms: "
+              f"{lo / ve:.2f}x", flush=True)
     load_end = os.getloadavg()
     print(f"load average at end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     lines = [
@@ -191,7 +209,7 @@ def main() -> None:
         "",
         f"Written by `benchmarks/vsim_speed.py{' --quick' if args.quick else ''}` on "
         f"{started:%Y-%m-%d %H:%M} UTC ({platform.node()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {args.threads} torch thread(s)).",
+        f"torch {torch.__version__}).",
         "",
         f"{args.nodes} nodes, batch {args.batch} per node (8x8 digits, one shard per node), "
         f"BaseGraph({args.nodes}, 1), SGD lr 0.05 momentum 0.9 weight decay 1e-4 "
@@ -208,16 +226,23 @@ def main() -> None:
                   + ("a --quick smoke run" if args.quick else "the machine was loaded")
                   + "; rerun on an idle machine.", ""]
     lines += [
-        "| model | params | wrapper | looped ms/step | vectorized ms/step | ratio | max abs diff |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| model | params | wrapper | torch threads | looped ms/step | vectorized ms/step "
+        "| ratio | max abs diff |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['params']} | {r['wrapper']} | {r['looped_med']:.2f} "
-            f"({r['looped_min']:.2f}) | {r['vec_med']:.2f} ({r['vec_min']:.2f}) | "
-            f"{r['ratio']:.2f}x | {r['diff']:.1e} |")
+            f"| {r['model']} | {r['params']} | {r['wrapper']} | {r['threads']} | "
+            f"{r['looped_med']:.2f} ({r['looped_min']:.2f}) | {r['vec_med']:.2f} "
+            f"({r['vec_min']:.2f}) | {r['ratio']:.2f}x | {r['diff']:.1e} |")
+    lines += ["", "Each simulator at its best thread count:", "",
+              "| model | wrapper | looped ms/step | vectorized ms/step | ratio |",
+              "|---|---|---:|---:|---:|"]
+    for (m, w), (lo, ve) in best.items():
+        lines.append(f"| {m} | {w} | {lo:.2f} | {ve:.2f} | {lo / ve:.2f}x |")
     lines += ["", "max abs diff: largest parameter difference between the two simulators "
-              f"after {rows[0]['steps'] if rows else 0} identical steps (float32)."]
+              "after all the steps of that row and the rows above it for the same model and "
+              "wrapper (float32; they see identical batches)."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

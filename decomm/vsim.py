@@ -79,8 +79,10 @@ Example: 25 nodes of a small CNN on a Base-2 graph, each with its own batch::
         losses = vs.step(loss_fn, x, y)  # tensor of n losses
     print(vs.consensus_distance(), vs.params(0)[:5])
 
-What does not vectorize (a clear error says so): modules that update state in
-place in forward (BatchNorm / InstanceNorm with running statistics), random
+Module buffers are not stacked: one copy serves all nodes, read-only.  What
+does not vectorize (a clear error says so): modules that update state in place
+in forward (BatchNorm / InstanceNorm with running statistics are refused at
+construction, any other buffer written during forward at the first step), random
 ops unless ``randomness="different"`` or ``"same"`` (vmap's modes: different
 dropout masks per node, or one shared mask; neither reproduces the looped
 simulator's global-RNG sequence), optimizers whose update is not elementwise
@@ -433,9 +435,11 @@ class VectorizedSimulation:
             p.grad = None
         fn = torch.func.vmap(node_loss, in_dims=(0, None, *([0] * len(batch))),
                              randomness=self.randomness)
+        versions = {k: b._version for k, b in self._buffers.items()}
         try:
             with torch.enable_grad():
                 losses = fn(dict(self._stacked), self._buffers, *batch)
+                self._check_buffers(versions)
                 if not isinstance(losses, Tensor) or losses.shape != (self.n,):
                     got = (tuple(losses.shape[1:]) if isinstance(losses, Tensor)
                            else type(losses).__name__)
@@ -447,6 +451,16 @@ class VectorizedSimulation:
         except RuntimeError as e:
             raise _explain(e) from e
         return losses.detach()
+
+    def _check_buffers(self, versions: dict[str, int]) -> None:
+        """Refuse a forward that wrote to a module buffer: one copy is shared by all nodes."""
+        changed = [k for k, b in self._buffers.items() if b._version != versions[k]]
+        if changed:
+            raise DecommError(
+                f"the forward modified the module buffer(s) {changed} in place; buffers are "
+                f"not stacked (one copy is shared by all nodes), so per-node module state "
+                f"cannot be vectorized: keep the forward functional or use "
+                f"decomm.sim.Simulation")
 
     def step(self, loss_fn: Callable[..., Tensor] | None = None, *batch: Tensor) -> Tensor | None:
         """One synchronous step of all nodes; returns the ``(n,)`` losses (or ``None``).
@@ -510,13 +524,15 @@ class VectorizedSimulation:
             return fn(_NodeModel(module, params, buffers), *data)
 
         params = {k: p.detach() for k, p in self._stacked.items()}
+        versions = {k: b._version for k, b in self._buffers.items()}
         with torch.no_grad():
             try:
-                return torch.func.vmap(node_fn, in_dims=(0, None, *([0] * len(batch))),
-                                       randomness=self.randomness)(params, self._buffers,
-                                                                   *batch)
+                out = torch.func.vmap(node_fn, in_dims=(0, None, *([0] * len(batch))),
+                                      randomness=self.randomness)(params, self._buffers, *batch)
             except RuntimeError as e:
                 raise _explain(e) from e
+        self._check_buffers(versions)
+        return out
 
     # -------------------------------------------------------------- inspection
     def stacked_parameters(self) -> dict[str, Tensor]:
@@ -595,7 +611,8 @@ def _explain(err: RuntimeError) -> Exception:
             f"the model or loss uses random operations (dropout, ...): pass "
             f"randomness='different' (independent per node) or 'same' to "
             f"VectorizedSimulation (torch.func.vmap: {msg})")
-    if "inplace" in low or "in-place" in low or "mutat" in low:
+    if ("inplace" in low or "in-place" in low or "mutat" in low
+            or "doesn't match the broadcast shape" in low):
         return DecommError(
             f"the model or loss modifies a tensor in place that is shared by all nodes "
             f"(module state or a captured tensor), which cannot be vectorized over "

@@ -432,3 +432,59 @@ def test_low_precision_mixing_matches_looped(dtype):
     np.testing.assert_allclose(vec.param_matrix().double().numpy(),
                                looped.param_matrix().double().numpy(), rtol=0, atol=2 * eps)
     np.testing.assert_allclose(vec.param_matrix().double().numpy(), X, rtol=0, atol=8 * eps)
+
+
+class Counting(nn.Module):
+    """A model with in-place module state in forward (a step counter, a running mean)."""
+
+    def __init__(self, running_from_data: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 4).double()
+        self.register_buffer("state", torch.zeros((), dtype=torch.float64))
+        self.running_from_data = running_from_data
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if self.running_from_data:
+            self.state.mul_(0.9).add_(x.mean())  # batched data into a shared buffer
+        else:
+            self.state.add_(1.0)  # unbatched: vmap allows it, one copy for all nodes
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("from_data", [True, False])
+def test_in_place_module_state_is_refused(from_data):
+    X, Y = batches(N, 1)
+    vs = VectorizedSimulation(RingGraph(N), lambda: Counting(from_data), sgd(lr=0.1), DSGD)
+    match = "in place" if from_data else r"modified the module buffer\(s\) \['state'\]"
+    with pytest.raises(DecommError, match=match):
+        vs.step(node_loss, X[0], Y[0])
+    with pytest.raises(DecommError, match=match):
+        vs.map(lambda m, x: m(x), X[0])
+
+
+def test_read_only_buffers_are_shared():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 4).double()
+            self.register_buffer("scale", torch.tensor(0.5, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.lin(x.flatten(1) * self.scale)
+
+    assert run_both(BaseGraph(N, 1), GradientTracking, sgd(lr=0.1), make_model=Scaled) < TOL
+
+
+def test_identical_init_matches_looped_and_run_collects_losses():
+    X, Y = batches(N, 3)
+    torch.manual_seed(0)
+    looped = Simulation(RingGraph(N), cnn, sgd(lr=0.1), DSGD)
+    torch.manual_seed(0)
+    vs = VectorizedSimulation(RingGraph(N), cnn, sgd(lr=0.1), DSGD)
+    assert torch.equal(looped.param_matrix(), vs.param_matrix())
+    losses = vs.run(node_loss, lambda s: (X[s], Y[s]), 3)
+    for s in range(3):
+        looped.step(lambda i, m, s=s: node_loss(m, X[s, i], Y[s, i]))
+    assert losses.shape == (3, N)
+    assert float((looped.param_matrix() - vs.param_matrix()).abs().max()) < TOL

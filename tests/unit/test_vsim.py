@@ -488,3 +488,22 @@ def test_identical_init_matches_looped_and_run_collects_losses():
         looped.step(lambda i, m, s=s: node_loss(m, X[s, i], Y[s, i]))
     assert losses.shape == (3, N)
     assert float((looped.param_matrix() - vs.param_matrix()).abs().max()) < TOL
+
+
+def test_tied_parameters_stay_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 64, bias=False).double()
+            self.b = nn.Linear(64, 64).double()
+            self.b.weight = self.a.weight  # one parameter used twice
+            self.head = nn.Linear(64, 4).double()
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.b(torch.tanh(self.a(x.flatten(1))))))
+
+    assert run_both(OnePeerExponentialGraph(N), GradientTracking, sgd(lr=0.05),
+                    make_model=Tied) < TOL
+    vs = VectorizedSimulation(RingGraph(N), Tied, sgd(lr=0.05), DSGD)
+    assert list(vs.stacked_parameters()) == ["a.weight", "b.bias", "head.weight", "head.bias"]
+    assert vs.stacked_model.a.weight is vs.stacked_model.b.weight

@@ -450,6 +450,8 @@ class VectorizedSimulation:
                         f"node")
                 if losses.requires_grad:
                     losses.sum().backward()
+        except DecommError:
+            raise
         except RuntimeError as e:
             raise _explain(e) from e
         return losses.detach()

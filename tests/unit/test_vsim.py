@@ -508,3 +508,12 @@ def test_tied_parameters_stay_tied():
     vs = VectorizedSimulation(RingGraph(N), Tied, sgd(lr=0.05), DSGD)
     assert list(vs.stacked_parameters()) == ["a.weight", "b.bias", "head.weight", "head.bias"]
     assert vs.stacked_model.a.weight is vs.stacked_model.b.weight
+
+
+def test_error_messages_are_not_wrapped_twice():
+    vs = VectorizedSimulation(RingGraph(3), cnn, sgd(lr=0.1))
+    X, _ = batches(3, 1)
+    with pytest.raises(DecommError) as info:
+        vs.step(lambda m, x: m(x), X[0])
+    assert str(info.value) == ("loss_fn must return one scalar tensor per node, got (6, 4) "
+                               "per node")

@@ -622,8 +622,8 @@ def _explain(err: RuntimeError) -> Exception:
             f"(module state or a captured tensor), which cannot be vectorized over "
             f"nodes; keep the forward functional or use decomm.sim.Simulation "
             f"(torch.func.vmap: {msg})")
-    if "scalar" in low or ".item()" in low or "data-dependent" in low:
+    if ".item()" in low or "data-dependent" in low:
         return DecommError(
-            f"loss_fn must return one scalar tensor per node and be vmappable (no "
-            f".item(), no data-dependent control flow) (torch.func: {msg})")
+            f"loss_fn and the model's forward are vmapped over nodes: no .item(), no "
+            f"Python control flow that depends on tensor values (torch.func.vmap: {msg})")
     return err

@@ -517,3 +517,17 @@ def test_error_messages_are_not_wrapped_twice():
         vs.step(lambda m, x: m(x), X[0])
     assert str(info.value) == ("loss_fn must return one scalar tensor per node, got (6, 4) "
                                "per node")
+
+
+def test_data_dependent_control_flow_is_explained():
+    def loss(m, x, y):
+        out = node_loss(m, x, y)
+        return out * 2 if out > 1 else out  # Python branch on a tensor value
+
+    vs = VectorizedSimulation(RingGraph(3), cnn, sgd(lr=0.1))
+    X, Y = batches(3, 1)
+    with pytest.raises(DecommError, match="vmapped over nodes: no .item"):
+        vs.step(loss, X[0], Y[0])
+    with pytest.raises(RuntimeError, match="should be the same") as info:
+        vs.step(node_loss, X[0].float(), Y[0])  # a plain torch error stays torch's
+    assert not isinstance(info.value, DecommError)

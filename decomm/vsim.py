@@ -325,8 +325,13 @@ class VectorizedSimulation:
     def _round_coo(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(rows, cols, values)`` of round ``t``'s matrix in the receiver convention."""
         if self._pw is not None:  # PushSum's own P(t) (uniform split or its weights=)
-            m = self._pw.matrix(t).tocoo()
-            return np.asarray(m.row), np.asarray(m.col), np.asarray(m.data)
+            m = self._pw.matrix(t)
+            if hasattr(m, "tocoo"):  # scipy.sparse
+                c = m.tocoo()
+                return np.asarray(c.row), np.asarray(c.col), np.asarray(c.data)
+            dense = np.asarray(m, dtype=np.float64)  # a dense array without SciPy
+            rows, cols = np.nonzero(dense)
+            return rows, cols, dense[rows, cols]
         r = self.topology.sparse(t)
         return r.row_ids, r.indices, r.data
 

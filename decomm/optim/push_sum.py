@@ -99,14 +99,17 @@ class PushWeights:
         return hit
 
     def matrix(self, t: int) -> Any:
-        """``P(t)`` as a float64 ``scipy.sparse.csr_matrix`` (cached per round index).
+        """``P(t)`` as a float64 ``scipy.sparse.csr_matrix`` (a dense numpy array where
+        SciPy is not installed), cached per round index.
 
         The same entries :meth:`of` gives every rank: the uniform split is built
         from the stored pattern of ``W(t)`` (``topology.sparse(t)``), which is what
         ``in_neighbors`` / ``out_neighbors`` read.
         """
-        import scipy.sparse as sp
-
+        try:
+            import scipy.sparse as sp
+        except ImportError:  # pragma: no cover - scipy ships with scikit-learn
+            sp = None
         if self._push is not None:
             key: tuple = ("P", self._push.round_index(t))
         else:
@@ -115,14 +118,19 @@ class PushWeights:
         hit = self._matrices.get(key)
         if hit is not None:
             return hit
-        if self._push is not None:
-            r = self._push.sparse(t)
-            pt = sp.csr_matrix((np.array(r.data), np.array(r.indices), np.array(r.indptr)),
-                               shape=(r.n, r.n))
-            mat = pt.T.tocsr()
+        r = (self._push if self._push is not None else topo).sparse(t)
+        n = r.n
+        if self._push is not None:  # the stored P(t)ᵀ, transposed back
+            if sp is None:
+                mat = r.to_dense().T.copy()
+            else:
+                mat = sp.csr_matrix((np.array(r.data), np.array(r.indices),
+                                     np.array(r.indptr)), shape=(n, n)).T.tocsr()
+        elif sp is None:
+            pattern = np.eye(n, dtype=bool)
+            pattern[np.repeat(np.arange(n), np.diff(r.indptr)), r.indices] = True
+            mat = pattern / pattern.sum(axis=0, keepdims=True)  # 1 / (outdeg + 1)
         else:
-            r = topo.sparse(t)
-            n = r.n
             pattern = sp.csr_matrix((np.ones(len(r.indices)), np.array(r.indices),
                                      np.array(r.indptr)), shape=(n, n))
             pattern = ((pattern + sp.identity(n, format="csr")) > 0).astype(np.float64)
@@ -419,9 +427,14 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
             return mat
         held = self._off_diagonal
         if held is None or held[0] is not mat:
-            off = mat.tolil()
-            off.setdiag(0.0)  # the self share is kept at once, only the rest travels
-            held = self._off_diagonal = (mat, off.tocsr())
+            # the self share is kept at once, only the rest travels
+            if isinstance(mat, np.ndarray):
+                off = mat - np.diag(np.diag(mat))
+            else:
+                off = mat.tolil()
+                off.setdiag(0.0)
+                off = off.tocsr()
+            held = self._off_diagonal = (mat, off)
         return held[1]
 
     def _mix_buffers(self) -> list[Tensor]:

@@ -232,3 +232,23 @@ def test_bad_overlap(bad):
     _, X0 = data()
     with pytest.raises(ValueError, match=r"PushSum overlap must be a bool or an int tau >= 0"):
         make_sim(RingGraph(N), X0, overlap=bad)
+
+
+def test_without_scipy_the_simulator_mixes_with_dense_P(monkeypatch):
+    """SciPy is optional: P(t) falls back to a dense array, with the same numbers."""
+    B, X0 = data(6)
+    f = loss_fn(B)
+    Ps = [uniform_split(directed_w()), np.full((N, N), 1.0 / N)]
+    runs = []
+    for hide in (False, True):
+        if hide:  # importing scipy.sparse now raises ImportError
+            monkeypatch.setitem(__import__("sys").modules, "scipy.sparse", None)
+        sims = [make_sim(Topology.from_matrices(directed_w()), X0, overlap=1),
+                make_sim(RingGraph(N), X0, weights=Ps)]
+        for sim in sims:
+            sim.run(f, 6)
+        kinds = {type(o._pw.matrix(0)).__name__ for s in sims for o in s.optimizers[:1]}
+        assert (kinds == {"ndarray"}) == hide, kinds
+        runs.append([s.param_matrix() for s in sims])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)

@@ -531,3 +531,17 @@ def test_data_dependent_control_flow_is_explained():
     with pytest.raises(RuntimeError, match="should be the same") as info:
         vs.step(node_loss, X[0].float(), Y[0])  # a plain torch error stays torch's
     assert not isinstance(info.value, DecommError)
+
+
+def test_push_matrix_from_sparse_or_dense_is_the_same():
+    topo = Topology.from_matrices(hub_graph(N))
+    vs = VectorizedSimulation(topo, cnn, sgd(lr=0.1), PushSum)
+    sparse = vs.mixing_matrix(0).clone()
+    # P(t) is column-stochastic with the uniform split 1 / (outdeg + 1)
+    outdeg = (hub_graph(N) != 0).sum(0) - 1
+    np.testing.assert_allclose(sparse.sum(0).numpy(), np.ones(N), atol=1e-15)
+    np.testing.assert_allclose(np.diag(sparse.numpy()), 1.0 / (outdeg + 1), atol=1e-15)
+    dense_pw = vs._pw.matrix(0).toarray()
+    vs._pw.matrix = lambda t: dense_pw  # what PushWeights gives without SciPy
+    vs._w_cache.clear()
+    assert torch.equal(vs.mixing_matrix(0), sparse)

@@ -349,7 +349,7 @@ def test_win_put_lock_step_with_dynamic_dst():
     opt.force_barrier = True
     X = x0(n)
     ins = [sorted({(i - 1) % n, (i + 1) % n} - {i}) for i in range(n)]
-    slots = [{j: X[j].copy() for j in ins[i]} for i in range(n)]  # initial exchange
+    slots = [{j: X[i].copy() for j in ins[i]} for i in range(n)]  # BlueFog: own value
     for t in range(4):
         if n > 1:
             opt.dst_weights = {(r + 1) % n: 1.0} if t % 2 == 0 else [(r - 1) % n]

@@ -635,7 +635,10 @@ class _WindowOptimizer(_BlueFogKnobs, DecentralizedOptimizer):
                 msg = b.buffer
             name = f"{self._prefix}decomm.compat.{self._style}.{wid}.{k}"
             if self._comm.size() > 1:
-                win.win_create(msg, name, zero_init=self._style == "push")
+                # BlueFog's convention: a neighbour's slot starts as this rank's own value
+                # (push-sum: zeros, nothing has arrived yet)
+                push = self._style == "push"
+                win.win_create(msg, name, zero_init=push, self_init=not push)
             self._names.append(name)
             self._msgs.append(msg)
 

@@ -240,3 +240,40 @@ def test_d2_diverges_over_time_varying_cycles(topo, factor):
             dist.append(sim.consensus_distance() ** 0.5)
     growth = (dist[-1] / dist[5]) ** (1.0 / (6 * L))  # per round, cycles 6..12
     assert growth == pytest.approx(factor, rel=0.01), growth
+
+
+def test_d2_over_two_round_and_lazy_cycles():
+    """The other rows of the docs: over BaseGraph(25, 4) (two rounds, exact consensus
+    after one cycle for DSGD) D² is stuck from the first cycle on, alternating between
+    two disagreements (2.92 and 2.70 of an initial 8.09 with this x⁰); over the lazy
+    rounds of OnePeerExponentialGraph(8) it converges (0.944 per round)."""
+    topo = BaseGraph(25, 4)
+    X0 = np.random.default_rng(0).standard_normal((25, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = make_sim(topo, X0, D2, lr=0.0)
+    zero = lambda i, m: 0.0 * m.x.sum()  # noqa: E731
+    prev, x = X0, topo.matrix(0) @ X0  # numpy D², lr = 0
+    norms = {}
+    for t in range(1, 41):
+        sim.step(zero)
+        np.testing.assert_allclose(sim.param_matrix().numpy(), x,
+                                   rtol=0, atol=1e-12)
+        norms[t] = np.linalg.norm(x - x.mean(0))
+        prev, x = x, topo.matrix(t % 2) @ (2 * x - prev)
+    assert norms[40] == pytest.approx(norms[2], rel=1e-9)
+    assert norms[39] == pytest.approx(norms[1], rel=1e-9)
+    assert round(float(np.linalg.norm(X0 - X0.mean(0))), 2) == 8.09
+    assert (round(norms[40], 2), round(norms[39], 2)) == (2.92, 2.70)
+    lazy = Topology.from_matrices([(np.eye(8) + OnePeerExponentialGraph(8).matrix(t)) / 2
+                                   for t in range(3)])
+    M = d2_cycle_product(lazy)
+    ev = np.sort(np.abs(np.linalg.eigvals(M)))[::-1]
+    assert ev[0] == pytest.approx(1.0, abs=1e-6)  # the consensus direction only
+    x0 = np.random.default_rng(0).standard_normal((8, 3))
+    prev, x = x0, lazy.matrix(0) @ x0
+    d = []
+    for t in range(1, 3 * 60 + 1):
+        prev, x = x, lazy.matrix(t % 3) @ (2 * x - prev)
+        d.append(np.linalg.norm(x - x.mean(0)))
+    assert (d[-1] / d[-61]) ** (1 / 60) == pytest.approx(0.944, abs=1e-3)

@@ -514,9 +514,12 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
         """Complete every exchange in flight and apply it (``z = x / w`` again).
 
         With ``overlap`` the nodes' parameters miss the mass still in flight; after
-        ``flush()`` (collective in effect: every rank should call it at the same
-        point) nothing is in flight and the de-biased parameters include it all.
-        No-op without overlap.
+        ``flush()`` nothing is in flight and the de-biased parameters include it all.
+        Not collective: it only waits for messages the neighbours have already sent,
+        so one rank may flush alone (mass is still conserved); to keep the ranks on
+        the same recursion, flush on all of them at the same step.  Call it (or
+        :meth:`close`) before evaluating the final model and before
+        ``decomm.shutdown()``.  No-op without overlap.
         """
         if not self._queue:
             return

@@ -59,9 +59,11 @@ def pytest_collection_modifyitems(config, items) -> None:
         parts = item.nodeid.split("::")[1:]
         parts[-1] = parts[-1].split("[")[0]
         key = "::".join([path, *parts])
-        entry = KNOWN_FAILURES.get(key, KNOWN_FAILURES.get(path))
-        if entry is not None and (entry[0] is None or n in entry[0]):
-            item.add_marker(pytest.mark.xfail(run=False, reason=f"known failure: {entry[1]}"))
+        for entry in (KNOWN_FAILURES.get(key), KNOWN_FAILURES.get(path)):
+            if entry is not None and (entry[0] is None or n in entry[0]):
+                item.add_marker(pytest.mark.xfail(run=False,
+                                                  reason=f"known failure: {entry[1]}"))
+                break
 
 
 @pytest.hookimpl(trylast=True)

@@ -260,10 +260,9 @@ def hierarchical_neighbor_allreduce_nonblocking(
     sw, src, dst = _hier_args(self_weight, src_machine_weights, dst_machine_weights)
     if enable_topo_check:
         _check_machine_graph(sorted(src), sorted(dst), name or "hierarchical")
-    work = tensor.detach().clone()
     return H.traced_call("NEIGHBOR_ALLREDUCE", name, lambda: H.Done(
         hierarchical.hierarchical_neighbor_allreduce(
-            work, self_weight=sw, src_machine_weights=src, dst_machine_weights=dst,
+            tensor, self_weight=sw, src_machine_weights=src, dst_machine_weights=dst,
             name=name)))
 
 

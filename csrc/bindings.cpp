@@ -54,6 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("revoked", &MpiBackend::revoked)
       .def("failed_ranks", &MpiBackend::failed_ranks)
       .def("abandon", &MpiBackend::abandon, py::call_guard<py::gil_scoped_release>())
+      .def_property("fault_tolerant", &MpiBackend::fault_tolerant, &MpiBackend::set_fault_tolerant)
+      .def("say_goodbye", &MpiBackend::say_goodbye, py::call_guard<py::gil_scoped_release>())
       .def_property("timeline", &MpiBackend::timeline, &MpiBackend::set_timeline)
       .def_property_readonly("bytes_sent", [](MpiBackend& b) { return b.bytes_sent.load(); })
       .def_property_readonly("bytes_received",

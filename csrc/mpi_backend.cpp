@@ -185,7 +185,10 @@ bool Op::advance() {
   if (!done && be_->any_gone()) {
     std::string gone = departed();
     if (!gone.empty()) {
-      fail(gone);
+      if (be_->fault_tolerant())
+        fail_peer(gone);
+      else
+        fail(gone);
       abandon_requests();
       done = true;
     }
@@ -281,7 +284,18 @@ void MpiBackend::revoke() {
 #endif
 }
 
-bool MpiBackend::revoked() const { return revoked_.load(); }
+bool MpiBackend::revoked() const {
+  if (revoked_.load()) return true;
+  int flag = 0;
+#ifdef MPIX_ERR_REVOKED
+  if (comm_ != MPI_COMM_NULL) MPIX_Comm_is_revoked(comm_, &flag);
+#endif
+  return flag != 0;
+}
+
+void MpiBackend::say_goodbye() {
+  if (comm_ != MPI_COMM_NULL && !revoked()) send_byes();
+}
 
 std::vector<int64_t> MpiBackend::failed_ranks() const {
   std::vector<int64_t> out;
@@ -331,6 +345,8 @@ void MpiBackend::close() {
 bool MpiBackend::send_byes() {
   housekeeping();  // byes that have already arrived
   std::lock_guard<std::mutex> lk(house_mu_);
+  if (byes_sent_) return byes_done_ && gone_count_.load() == size_ - 1 && orphans_.empty();
+  byes_sent_ = true;
   if (bye_req_ != MPI_REQUEST_NULL) {
     MPI_Cancel(&bye_req_);
     MPI_Wait(&bye_req_, MPI_STATUS_IGNORE);
@@ -354,6 +370,7 @@ bool MpiBackend::send_byes() {
       break;
     if (!flag) sched_yield();
   }
+  byes_done_ = flag != 0;
   if (flag) {
     delete msg;
   } else {

@@ -112,9 +112,15 @@ class MpiBackend {
   // abandon(): after a failure, stop the progress thread (pending handles
   // fail) and drop the communicator without byes and without freeing it.
   void revoke();
-  bool revoked() const;
+  bool revoked() const;  // by this rank or (ULFM) by any other
   std::vector<int64_t> failed_ranks() const;
   void abandon();
+  // With fault tolerance a peer that shut down before making a call this rank
+  // waits for is a lost rank (a PeerFailure), not a misuse.
+  void set_fault_tolerant(bool on) { fault_tolerant_ = on; }
+  bool fault_tolerant() const { return fault_tolerant_; }
+  // Tell every peer this rank has shut down (once; close() does it too).
+  void say_goodbye();
 
   int rank() const { return rank_; }
   int size() const { return size_; }
@@ -180,6 +186,9 @@ class MpiBackend {
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::atomic<bool> revoked_{false};
+  bool fault_tolerant_ = false;
+  bool byes_sent_ = false;
+  bool byes_done_ = false;  // every bye was delivered
   int rank_ = 0, size_ = 1;
   double timeout_s_;
   bool check_;

@@ -12,6 +12,7 @@ an uncaught exception into a detected failure, and the status lines ``decomm-run
 
 from __future__ import annotations
 
+import array
 import os
 import sys
 import time
@@ -111,21 +112,36 @@ recover_hook: Callable[[], Any] | None = None
 def finish(close: Callable[[_state.State], None]) -> None:
     """End this rank (``decomm.shutdown`` with fault tolerance on).
 
-    The survivors end with one agreement (a rank that is still training when another
-    fails needs every survivor in its shrink, and a rank inside MPI_Finalize would
-    never join): a failure during it is recovered from like one during training, and
-    the agreement repeated. A job without losses then closes as usual (``close``);
-    after a loss the rank leaves with ``os._exit(0)``, since MPI_Finalize may hang.
+    The rank tells its peers it is done (the byes), then waits for the others in one
+    non-blocking agreement: a rank inside MPI_Finalize would never join the shrink of a
+    rank that is still training when another fails. While it waits:
+
+    * the agreement fails (a rank died): it joins the survivors' shrink and recovery,
+      then waits again on the new communicator;
+    * decomm's communicator is revoked: a peer still needed this rank (it left early -
+      ``sys.exit`` or the end of the script while the others train - or a rank failed
+      elsewhere); it stops with SIGKILL, so that it counts as a lost rank and the others
+      continue without it.
+
+    A job without losses then closes as usual (``close``); after a loss the rank leaves
+    with ``os._exit(0)``, since MPI_Finalize may hang then.
     """
     MPI = _mpi()
     while True:
         st = _state.require()
-        try:
-            if pending is None:
-                st.comm.Agree(1)
+        if pending is None:
+            st.backend.say_goodbye()
+            flag = array.array("i", [1])
+            try:
+                req = st.comm.Iagree(flag)
+                while not req.Test():
+                    if st.backend.revoked:
+                        write_status("left", [])
+                        _die()
+                    time.sleep(0.001)
                 break
-        except MPI.Exception as e:
-            _on_peer_failure(f"during decomm.shutdown(): {e}")
+            except MPI.Exception as e:
+                _on_peer_failure(f"during decomm.shutdown(): {e}")
         if recover_hook is None:
             break
         recover_hook()
@@ -140,6 +156,13 @@ def finish(close: Callable[[_state.State], None]) -> None:
     os._exit(0)
 
 
+def _die() -> None:
+    timeline.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), 9)
+
+
 def excepthook(previous: Any) -> Any:
     """An uncaught exception on a rank: print it, then SIGKILL this rank, so the others
     see a normal, detected failure (a rank held by mpi4py's exit-time MPI_Finalize
@@ -151,9 +174,7 @@ def excepthook(previous: Any) -> Any:
         who = st.launch_ranks[st.rank] if st is not None else "?"
         sys.stderr.write(f"[decomm] rank {who}: uncaught {exc_type.__name__}; fault tolerance "
                          "is on, so this rank stops and the others continue without it\n")
-        sys.stderr.flush()
-        timeline.flush()
-        os.kill(os.getpid(), 9)
+        _die()
 
     hook.previous = previous  # type: ignore[attr-defined]
     return hook

@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _agree, _checks, _state, timeline
+from . import _agree, _checks, _state, errors, timeline
 from .errors import DecommError
 
 __all__ = [
@@ -136,7 +136,13 @@ def _neighbor_sets(topo: Any, r: int, n: int) -> tuple[list[int], list[int]]:
 
 
 def _get(name: Any, op: str) -> _Window:
-    rank = _state.require().rank
+    st = _state.require()
+    rank = st.rank
+    if st.fault_tolerant and st.backend.revoked:
+        # RMA gives no failure signal of its own: a window op after another rank saw a
+        # failure (and revoked decomm's communicator) joins the survivors' agreement.
+        raise errors._peer_failure(f"{op} on rank {rank}: decomm's communicator was revoked "
+                                   "after a peer failure")
     if not isinstance(name, str):
         raise TypeError(f"{op} on rank {rank}: the window name must be a str, got "
                         f"{type(name).__name__} {name!r}")

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test samples used for the local-model accuracy (averaged model: all)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (unset: 1 for mlp/cnn, else cores / local ranks)")
+    p.add_argument("--kill-rank", type=int, default=None, metavar="R",
+                   help="fault-tolerance demo: launch rank R SIGKILLs itself at --kill-at-step "
+                        "(run with decomm-run --fault-tolerant; the others continue)")
+    p.add_argument("--kill-at-step", type=int, default=None, metavar="S",
+                   help="the training step at which --kill-rank dies")
     p.add_argument("--out", default="runs", help="directory for the CSV and PNG")
     p.add_argument("--no-plot", action="store_true", help="write the CSV only")
     return p
@@ -212,6 +219,30 @@ def _bytes_sent() -> float | None:
     return float(stats()["bytes_sent"]) if stats is not None else None
 
 
+def _with_recovery(fn: Any) -> Any:
+    """Run the collective ``fn``; if a rank is lost meanwhile (fault tolerance on),
+    continue on the survivors (``decomm.recover()``) and run it again there."""
+    while True:
+        try:
+            return fn()
+        except decomm.PeerFailureError:
+            decomm.recover()
+
+
+def _evaluate(model: torch.nn.Module, avg_model: torch.nn.Module, x_test: torch.Tensor,
+              y_test: torch.Tensor, eval_idx: torch.Tensor, loss: float,
+              sent: float) -> tuple[float, list[float]]:
+    """Collective: the consensus distance, and the sums over ranks of [loss, test hits of
+    the averaged model on this rank's slice of the test set, local accuracy, bytes]."""
+    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    _set_flat(avg_model, decomm.allreduce(flat, average=True, name="train.average_model"))
+    mine = torch.arange(decomm.rank(), len(y_test), decomm.size())
+    hits_avg = _correct(avg_model, x_test[mine], y_test[mine])
+    acc_local = _correct(model, x_test[eval_idx], y_test[eval_idx]) / len(eval_idx)
+    consensus = decomm.optim.consensus_distance(model)
+    return consensus, _allreduce_sum([loss, hits_avg, acc_local, sent])
+
+
 def _set_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
     with torch.no_grad():
         offset = 0
@@ -245,6 +276,12 @@ def write_plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
 
     ep = [r["epoch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for prev, r in zip(rows, rows[1:]):
+        if r["ranks"] < prev["ranks"]:  # ranks were lost during this epoch
+            for ax in (a1, a2):
+                ax.axvline(r["epoch"] - 0.5, color="red", ls=":", lw=1)
+            a1.text(r["epoch"] - 0.5, 1, f" lost {int(prev['ranks'] - r['ranks'])} rank(s)",
+                    color="red", fontsize=8, va="bottom")
     a1.plot(ep, [100 * r["test_acc_avg"] for r in rows], "o-", label="averaged model")
     a1.plot(ep, [100 * r["test_acc_local"] for r in rows], "s--", label="local models (mean)")
     a1.set_xlabel("epoch")
@@ -290,7 +327,6 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     x_test, y_test = torch.from_numpy(x_all), torch.from_numpy(y_all)
     order = np.random.default_rng(12345).permutation(len(y_all))
     eval_idx = torch.from_numpy(order[: args.eval_samples])
-    mine = torch.arange(rank, len(y_all), n)  # this rank's slice for the averaged model
     del data
 
     # ---- model, topology, optimizer: the three decomm lines are marked
@@ -339,14 +375,19 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
         perm = torch.randperm(len(y_train), generator=gen)
         loss_sum = 0.0
         sent_before = _bytes_sent()
-        for batch in torch.tensor_split(perm, steps_per_epoch):
+        for i, batch in enumerate(torch.tensor_split(perm, steps_per_epoch)):
+            if (args.kill_rank is not None and decomm.launch_rank() == args.kill_rank
+                    and (epoch - 1) * steps_per_epoch + i == args.kill_at_step):
+                print(f"[train] launch rank {args.kill_rank}: killing myself at step "
+                      f"{args.kill_at_step} (--kill-rank)", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
             opt.zero_grad()
             loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
             loss.backward()
             round_before = decomm.current_round()
             opt.step()
             if decomm.current_round() != round_before:  # a gossip exchange happened
-                estimate += payload * len(topology.out_neighbors(rank, round_before))
+                estimate += payload * len(decomm.out_neighbors(decomm.rank()))
             sched.step()
             loss_sum += loss.item()
 
@@ -358,24 +399,23 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
 
         # ---- evaluation (collective): averaged model on the whole test set, split across
         # ranks; every local model on the same eval subset; consensus distance
-        flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-        _set_flat(avg_model, decomm.allreduce(flat, average=True, name="train.average_model"))
-        hits_avg = _correct(avg_model, x_test[mine], y_test[mine])
-        acc_local = _correct(model, x_test[eval_idx], y_test[eval_idx]) / len(eval_idx)
-        consensus = decomm.optim.consensus_distance(model)
-        tot = _allreduce_sum([loss_sum / steps_per_epoch, hits_avg, acc_local, bytes_sent])
+        consensus, tot = _with_recovery(functools.partial(
+            _evaluate, model, avg_model, x_test, y_test, eval_idx,
+            loss_sum / steps_per_epoch, bytes_sent))
+        n = decomm.size()  # fewer after a lost rank
         row = {
             "epoch": epoch, "step": epoch * steps_per_epoch, "lr": sched.get_last_lr()[0],
             "train_loss": tot[0] / n, "test_acc_avg": tot[1] / len(y_all),
             "test_acc_local": tot[2] / n, "consensus": consensus,
             "bytes_sent_per_rank": tot[3] / n, "wall_s": time.perf_counter() - t0,
+            "ranks": n,
         }
         rows.append(row)
         say(f"{epoch:>5} {row['train_loss']:>8.4f} {100 * row['test_acc_avg']:>8.2f}% "
             f"{100 * row['test_acc_local']:>9.2f}% {row['consensus']:>10.3e} "
             f"{row['bytes_sent_per_rank'] / 1e6:>12.3f} {row['wall_s']:>8.1f}", flush=True)
 
-    if rank == 0 and args.out:
+    if decomm.rank() == 0 and args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = run_name(args, n)

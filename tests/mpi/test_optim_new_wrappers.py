@@ -211,3 +211,34 @@ def test_osgp_lr_zero_reaches_the_true_mean():
         opt.step()
     opt.flush()
     np.testing.assert_allclose(model.x.detach().numpy(), X0.mean(0), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("tau", [0, 1])
+def test_osgp_step_does_not_wait_for_the_current_exchange(tau):
+    """Rank n-1 (rank 0's only in-neighbour) sleeps 1.5 s before its second step. With
+    overlap, rank 0's second step needs only the first step's messages, already sent,
+    and returns at once; plain SGP (τ = 0) must wait for the sleeper's second message."""
+    n, r = decomm.size(), decomm.rank()
+    if n < 2:
+        pytest.skip("needs 2 ranks")
+    import time
+
+    decomm.set_topology(Topology.from_matrices(directed_graph(n)))
+    model = Quad(np.full(D, float(r)))
+    opt = PushSum(torch.optim.SGD(model.parameters(), lr=0.0), overlap=tau,
+                  broadcast_parameters=False)
+    took = []
+    for s in range(3):
+        model.x.grad = torch.zeros_like(model.x)
+        if r == n - 1 and s == 1:
+            time.sleep(1.5)
+        t0 = time.perf_counter()
+        opt.step()
+        took.append(time.perf_counter() - t0)
+    opt.close()
+    decomm.barrier()
+    if r == 0:
+        if tau:
+            assert took[1] < 0.75, took  # did not wait for the sleeping neighbour
+        else:
+            assert took[1] > 1.0, took  # the blocking exchange waited for it

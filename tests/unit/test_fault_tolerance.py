@@ -177,3 +177,30 @@ def test_fail_on_loss_makes_the_status_nonzero():
     rc, results, out = run_ft("raw", extra=("--fail-on-loss",))
     assert rc == 3, out
     assert len(results) == 3
+
+
+@needs_mpi
+def test_checkpoint_restart_on_fewer_ranks_starts_from_the_average(tmp_path):
+    """The fallback for a lost host: a checkpoint of 4 ranks restarts 3 from their mean."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    path = str(tmp_path / "ckpt.pt")
+    script = str(ROOT / "tests" / "scenarios" / "ckpt_job.py")
+
+    def job(n: int, mode: str) -> list[dict]:
+        proc = subprocess.run([str(MPIRUN), "--oversubscribe", "-np", str(n), sys.executable,
+                               script, mode, path], capture_output=True, text=True,
+                              timeout=180, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return [json.loads(ln.split("RESULT ", 1)[1]) for ln in proc.stdout.splitlines()
+                if ln.startswith("RESULT ")]
+
+    saved = job(4, "save")
+    assert len(saved) == 4
+    mean = [np.mean([np.asarray(s["params"][k]) for s in saved], axis=0) for k in range(2)]
+    resumed = job(3, "resume")
+    assert len(resumed) == 3
+    for r in resumed:
+        assert r["info"]["step"] == 10 and r["info"]["size"] == 4
+        for k in range(2):
+            np.testing.assert_allclose(r["loaded"][k], mean[k], rtol=0, atol=1e-12)

@@ -31,7 +31,8 @@ LAYERS: dict[str, int] = {
     "decomm.ops": 3, "decomm.hierarchical": 3, "decomm.win": 3,
     "decomm.runtime": 4, "decomm.optim": 4, "decomm.amp": 4, "decomm.checkpoint": 4,
     "decomm.fault": 4,
-    "decomm.sim": 5, "decomm.vsim": 5, "decomm.compat": 5, "decomm.launcher": 5, "decomm.__main__": 5, "decomm": 5,
+    "decomm.sim": 5, "decomm.vsim": 5, "decomm.compat": 5, "decomm.launcher": 5,
+    "decomm.__main__": 5, "decomm": 5,
 }
 
 

@@ -402,7 +402,14 @@ def test_push_sum_carries_the_weight():
         Z = mass / w[:, None] - u_all(n, t)
         np.testing.assert_allclose(mine(model), Z[r], rtol=0, atol=TOL)
     if n > 2:
-        assert abs(opt._w[0] - w[r]) < TOL and abs(w[r] - 1.0) > 1e-3  # non-trivial weight
+        assert abs(float(opt._w[0]) - w[r]) < TOL and abs(w[r] - 1.0) > 1e-3  # non-trivial
+    # the weight is part of the state: a resumed run continues exactly
+    sd = opt.state_dict()
+    saved = float(sd["decomm"]["state"]["push_sum_weight"][0])
+    assert abs(saved - w[r]) < TOL
+    opt._w[0].fill_(1.0)
+    opt.load_state_dict(sd)
+    assert abs(float(opt._w[0]) - w[r]) < TOL
     opt.close()
 
 

@@ -605,7 +605,7 @@ class _WindowOptimizer(_BlueFogKnobs, DecentralizedOptimizer):
         self._prefix = (window_prefix + ".") if window_prefix else ""
         self._names: list[str] = []
         self._msgs: list[Tensor] = []
-        self._w: list[float] = []
+        self._w: list[Tensor] = []  # push-sum weight per bucket (0-d float64, saved)
         self._issued = False
         self.force_barrier = style == "push"
         super().__init__(optimizer, broadcast_parameters=False,
@@ -630,7 +630,7 @@ class _WindowOptimizer(_BlueFogKnobs, DecentralizedOptimizer):
                 msg = torch.zeros(b.numel + 1, dtype=b.dtype, device=b.device)
                 msg[: b.numel].copy_(b.flat)
                 msg[b.numel] = 1.0
-                self._w.append(1.0)
+                self._w.append(torch.ones((), dtype=torch.float64))
             else:
                 msg = b.buffer
             name = f"{self._prefix}decomm.compat.{self._style}.{wid}.{k}"
@@ -665,8 +665,9 @@ class _WindowOptimizer(_BlueFogKnobs, DecentralizedOptimizer):
                     win.win_get(name, src_weights=self.src_weights)
                 else:
                     b, msg = self._buckets[k], self._msgs[k]
-                    torch.mul(b.flat, self._w[k], out=msg[: b.numel])  # mass x = w z
-                    msg[b.numel] = self._w[k]
+                    w = float(self._w[k])
+                    torch.mul(b.flat, w, out=msg[: b.numel])  # mass x = w z
+                    msg[b.numel] = w
                     win.win_accumulate(msg, name, dst_weights=self._dst())
         self._issued = True
 
@@ -698,7 +699,7 @@ class _WindowOptimizer(_BlueFogKnobs, DecentralizedOptimizer):
             if not w > 0.0:
                 raise DecommError(f"DistributedPushSumOptimizer on rank {runtime.rank()}: the "
                                   f"push-sum weight became {w} (no mass arrived and none kept)")
-            self._w[k] = w
+            self._w[k].fill_(w)
             torch.div(msg[: b.numel], w, out=b.flat)
             return msg
         sw, nb = _uniform_or_graph_weights(ins)
@@ -722,10 +723,7 @@ class _WindowOptimizer(_BlueFogKnobs, DecentralizedOptimizer):
     def _state_tensors(self) -> dict[str, list[Tensor]]:
         if self._style != "push":
             return {}
-        return {"push_sum_weight": [torch.tensor(w, dtype=torch.float64) for w in self._w]}
-
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        pass
+        return {"push_sum_weight": self._w}
 
     def close(self) -> None:
         """Remove the hooks and free the windows (collective)."""

@@ -163,6 +163,14 @@ class Simulation:
             windows, no common round) needs the MPI runtime; a ``TypeError`` says so.
         identical_init: start every node from node 0's parameters (what the
             MPI wrappers' constructor broadcast does).
+        buffers: ``None`` (default; module buffers such as BatchNorm running
+            statistics stay local to each node), ``"mix"`` or ``"average"``:
+            every node's wrapper exchanges its own model's floating-point
+            buffers, as ``buffers=model, buffer_mode=...`` does under MPI (see
+            :meth:`decomm.optim.DecentralizedOptimizer.sync_buffers`); the
+            simulator mixes them with ``W(t)`` (also for the push-sum wrappers,
+            as under MPI) or averages them exactly.
+        buffer_every: exchange the buffers on every ``k``-th communicating step.
         **wrapper_kwargs: passed to every wrapper (``communicate_every``,
             ``combine_first``, ``global_every``, ``momentum``, ...).
 
@@ -178,6 +186,8 @@ class Simulation:
         wrapper_cls: type[DecentralizedOptimizer] = DSGD,
         *,
         identical_init: bool = True,
+        buffers: str | None = None,
+        buffer_every: int = 1,
         **wrapper_kwargs: Any,
     ) -> None:
         if not (isinstance(wrapper_cls, type) and issubclass(wrapper_cls, DecentralizedOptimizer)):
@@ -195,6 +205,13 @@ class Simulation:
         for key in ("communicator", "broadcast_parameters", "check_parameters"):
             if key in wrapper_kwargs:
                 raise TypeError(f"Simulation sets {key!r} itself")
+        if "buffer_mode" in wrapper_kwargs:
+            raise TypeError("Simulation: pass buffers='mix' or buffers='average' (each "
+                            "node's wrapper then exchanges its own model's buffers)")
+        if buffers is not None and not isinstance(buffers, str):
+            raise TypeError(
+                f"Simulation(buffers=...) takes the mode, 'mix' or 'average' (every node "
+                f"exchanges its own model's buffers), got {type(buffers).__name__}")
         self.topology = as_topology(topology)
         self.n: int = int(self.topology.n)
         self.round: int = 0
@@ -219,6 +236,8 @@ class Simulation:
                     **wrapper_kwargs,
                 )
             )
+            if buffers is not None:
+                self.optimizers[-1].sync_buffers(model, mode=buffers, every=buffer_every)
         shapes = [tuple((b.numel, b.dtype) for b in o._buckets) for o in self.optimizers]
         if any(s != shapes[0] for s in shapes):
             i = next(k for k, s in enumerate(shapes) if s != shapes[0])
@@ -261,13 +280,15 @@ class Simulation:
         self._w_cache[key] = w
         return w
 
-    def _apply(self, x: Tensor) -> Tensor:
+    def _apply(self, x: Tensor, wrapper_matrix: bool = True) -> Tensor:
         """``W(round) @ x`` for the stacked ``(n, D)`` buffers ``x``.
 
         A wrapper with a ``_sim_mixing_matrix(t)`` (push-sum: a column-stochastic
-        ``P(t)`` as a float64 ``scipy.sparse`` matrix) is mixed with that instead.
+        ``P(t)`` as a float64 ``scipy.sparse`` matrix) is mixed with that instead,
+        unless ``wrapper_matrix=False`` (module buffers: always ``W(t)``).
         """
-        custom = getattr(self.optimizers[0], "_sim_mixing_matrix", None)
+        custom = (getattr(self.optimizers[0], "_sim_mixing_matrix", None)
+                  if wrapper_matrix else None)
         if custom is not None:
             m = custom(self.round)
             np_dtype = torch.empty(0, dtype=x.dtype).numpy().dtype
@@ -290,8 +311,10 @@ class Simulation:
             check_invariants=True,
         ).coalesce()
 
-    def _mix(self, mix: Mix) -> None:
-        per_node = [o._mix_buffers() for o in self.optimizers]
+    def _mix(self, mix: Mix, per_node: list[list[Tensor]] | None = None,
+             wrapper_matrix: bool = True) -> None:
+        if per_node is None:
+            per_node = [o._mix_buffers() for o in self.optimizers]
         for k in range(len(per_node[0])):
             bufs = [b[k] for b in per_node]
             x = torch.stack(bufs)
@@ -299,10 +322,24 @@ class Simulation:
             if mix is Mix.GLOBAL:
                 y = work.mean(dim=0, keepdim=True).expand_as(work)
             else:
-                y = self._apply(work)
+                y = self._apply(work, wrapper_matrix)
             y = y.to(x.dtype)
             for buf, row in zip(bufs, y):
                 buf.copy_(row)
+
+    def _mix_module_buffers(self, mix: Mix) -> None:
+        """The module buffers' exchange of this step (``sync_buffers``), as under MPI:
+        before the local phase, with ``W(t)`` or the exact average."""
+        bmix = self.optimizers[0]._buffer_plan(mix)
+        if bmix is Mix.NONE:
+            return
+        held = [o.module_buffers for o in self.optimizers]
+        if any(mb is None for mb in held):
+            raise DecommError("simulated nodes disagree on sync_buffers: call it on every "
+                              "node's wrapper (or pass Simulation(buffers=...))")
+        self._mix(bmix, [mb.pack() for mb in held], wrapper_matrix=False)  # type: ignore[union-attr]
+        for mb in held:
+            mb.unpack()  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------- step
     def step(
@@ -368,6 +405,7 @@ class Simulation:
     def _step_all(self) -> None:
         with torch.no_grad():
             mix = self.optimizers[0]._plan()
+            self._mix_module_buffers(mix)
             for o in self.optimizers:
                 o._run_local(mix)
             if mix is not Mix.NONE:
@@ -397,10 +435,10 @@ class Simulation:
     def consensus_distance(self, *, include_buffers: bool = False) -> float:
         """``(1/n) Σ_i ‖x_i − x̄‖²``, computed directly in float64 (no cancellation).
 
-        ``x_i`` is node ``i``'s parameters; the wrappers do not mix module buffers
-        (BatchNorm running statistics), so nodes that differ only there report
-        0.0.  ``include_buffers=True`` appends each model's floating-point
-        buffers to ``x_i``.
+        ``x_i`` is node ``i``'s parameters; module buffers (BatchNorm running
+        statistics) are local unless ``buffers=`` is set, and nodes that differ
+        only there report 0.0.  ``include_buffers=True`` appends each model's
+        floating-point buffers to ``x_i``.
         """
         x = self.param_matrix().double()
         if include_buffers:

@@ -38,8 +38,10 @@ skips on every rank or on none; see :meth:`DecentralizedOptimizer.step`.
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -53,7 +55,7 @@ from ._flat import Bucket, build_buckets, collect_params
 from .comm import Communicator, MPICommunicator, PendingExchange
 from .monitor import consensus_distance
 
-__all__ = ["DecentralizedOptimizer", "Mix"]
+__all__ = ["BUFFER_MODES", "DecentralizedOptimizer", "Mix", "ModuleBuffers"]
 
 
 class Mix(enum.Enum):
@@ -215,6 +217,193 @@ def _bucket_message_bytes(indexed: list[tuple[int, Tensor]], message_numel: Call
     return out
 
 
+#: what ``buffers=`` does with the floating-point module buffers (see :class:`ModuleBuffers`)
+BUFFER_MODES = ("mix", "average")
+#: the keyword arguments every wrapper's constructor accepts for module buffers
+_BUFFER_KWARGS = ("buffers", "buffer_mode", "buffer_every")
+
+
+class ModuleBuffers:
+    """The floating-point buffers of some modules, packed for one exchange per dtype.
+
+    Holds the modules, not the tensors: every :meth:`pack` reads the buffers
+    afresh (``module.<name>``), so a buffer that user code re-assigns (``bn.reset_
+    running_stats()``, ``load_state_dict``, ``bn.running_mean = t``) is still the
+    one mixed.  The buffers are *copied* into one flat tensor per (device, dtype)
+    for the exchange and back after it, rather than re-pointed into flat storage
+    as the parameters are: they are small (BatchNorm: two vectors per layer), and
+    a copy keeps ``model.state_dict()`` and in-place updates by the forward pass
+    exactly as without decomm.  Integer buffers (``num_batches_tracked``) are not
+    included: they count local steps and stay local.
+
+    Raises ``TypeError`` for anything but an ``nn.Module`` or a non-empty iterable
+    of them, ``ValueError`` for an unknown mode or a bad ``every``.
+    """
+
+    def __init__(self, modules: Any, mode: str = "mix", every: int = 1,
+                 owner: str = "DecentralizedOptimizer") -> None:
+        if isinstance(modules, torch.nn.Module):
+            mods = [modules]
+        elif isinstance(modules, Iterable) and not isinstance(modules, (str, bytes, Tensor)):
+            mods = list(modules)
+            bad = [m for m in mods if not isinstance(m, torch.nn.Module)]
+            if bad or not mods:
+                what = f"a {type(bad[0]).__name__}" if bad else "an empty iterable"
+                raise TypeError(f"{owner}: buffers= takes an nn.Module or a list of "
+                                f"nn.Module, got {what}")
+        else:
+            raise TypeError(f"{owner}: buffers= takes an nn.Module or a list of nn.Module "
+                            f"(whose floating-point buffers are mixed), got "
+                            f"{type(modules).__name__}")
+        if mode not in BUFFER_MODES:
+            raise ValueError(f"{owner}: buffer_mode must be one of {BUFFER_MODES}, got "
+                             f"{mode!r}")
+        self.mode: str = mode
+        self.every: int = _check_int("buffer_every", every)  # type: ignore[assignment]
+        self.modules: list[torch.nn.Module] = mods
+        # (module, attribute, qualified name) of every floating buffer, each once
+        self.entries: list[tuple[torch.nn.Module, str, str]] = []
+        seen: set[tuple[int, str]] = set()
+        for k, mod in enumerate(mods):
+            prefix = f"buffers[{k}]." if len(mods) > 1 else ""
+            for mname, m in mod.named_modules(remove_duplicate=False):
+                for key, b in m.named_buffers(recurse=False):
+                    if (id(m), key) in seen or b is None or not b.is_floating_point():
+                        continue
+                    seen.add((id(m), key))
+                    self.entries.append((m, key, prefix + (f"{mname}.{key}" if mname else key)))
+        # one flat tensor per (device, dtype), allocated once, reused every exchange
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(self.tensors()):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        self._groups: list[list[int]] = list(groups.values())
+        self._shapes: list[tuple[torch.Size, torch.dtype, torch.device]] = [
+            (t.shape, t.dtype, t.device) for t in self.tensors()]
+        self.flats: list[Tensor] = [
+            torch.zeros(sum(self._shapes[i][0].numel() for i in idx), dtype=dt, device=dev)
+            for (dev, dt), idx in groups.items()]
+
+    def tensors(self) -> list[Tensor]:
+        """The buffers as the modules hold them now."""
+        return [getattr(m, key) for m, key, _ in self.entries]
+
+    @property
+    def numel(self) -> int:
+        return sum(f.numel() for f in self.flats)
+
+    def names(self) -> list[str]:
+        return [name for _, _, name in self.entries]
+
+    def _current(self) -> list[Tensor]:
+        ts = self.tensors()
+        for t, (shape, dt, dev), (_, _, name) in zip(ts, self._shapes, self.entries):
+            if not isinstance(t, Tensor) or (t.shape, t.dtype, t.device) != (shape, dt, dev):
+                now = (f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor)
+                       else type(t).__name__)
+                raise DecommError(
+                    f"module buffer {name} changed after the optimizer was created (was "
+                    f"{tuple(shape)} {dt} on {dev}, now {now}); call sync_buffers(...) "
+                    f"again on every rank after changing the model")
+        return ts
+
+    def pack(self) -> list[Tensor]:
+        """Copy the buffers into the flat tensors (one per (device, dtype)); return them."""
+        ts = self._current()
+        for flat, idx in zip(self.flats, self._groups):
+            torch.cat([ts[i].detach().reshape(-1) for i in idx], out=flat)
+        return self.flats
+
+    def unpack(self) -> None:
+        """Copy the (mixed) flat tensors back into the buffers, in place."""
+        ts = self._current()
+        for flat, idx in zip(self.flats, self._groups):
+            dst = [ts[i] for i in idx]
+            src = list(flat.split([t.numel() for t in dst]))
+            torch._foreach_copy_(dst, [v.view_as(t) for v, t in zip(src, dst)])
+
+    def plan(self, mix: Mix, comms_before: int) -> Mix:
+        """What this step does with the buffers, given the step's own ``mix`` and the
+        number of communicating steps completed before it.
+
+        Only communicating steps touch the buffers (a local step is ``W = I`` for
+        them too, and the fault-tolerance catch-up steps stay non-collective), and
+        only every ``every``-th of them: ``"mix"`` then uses the step's own mix
+        (``W(t)``, or the exact average on a ``global_every`` step), ``"average"``
+        always the exact average.
+        """
+        if mix is Mix.NONE or (comms_before + 1) % self.every != 0:
+            return Mix.NONE
+        return Mix.GLOBAL if self.mode == "average" else mix
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "every": self.every, "buffers": len(self.entries),
+                "numel": self.numel}
+
+
+def _dense_communicator(comm: Any) -> Any:
+    """The communicator that mixes with the topology's plain ``W(t)``.
+
+    Wrappers whose communicator changes the mix (push-sum's column-stochastic
+    sender scaling, ChocoSGD's compressed payloads) wrap an :class:`MPICommunicator`
+    as ``_inner``; the module buffers bypass that and gossip with ``W(t)`` itself
+    (running statistics need no push-sum de-biasing, nor compression).
+    """
+    inner = getattr(comm, "_inner", None)
+    return inner if isinstance(inner, MPICommunicator) else comm
+
+
+_BUFFER_DOC = """
+
+    Module buffers: ``buffers=model`` (or a list of modules) with
+    ``buffer_mode="mix"`` (gossip them with ``W(t)``, default) or ``"average"``
+    (exact allreduce mean) and ``buffer_every=k`` also exchanges the model's
+    floating-point buffers (BatchNorm running statistics) every ``k``-th
+    communicating step; default ``None``: they stay local.  See
+    :meth:`DecentralizedOptimizer.sync_buffers`.
+"""
+
+
+def _with_buffer_kwargs(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a wrapper's ``__init__`` so it accepts ``buffers=``, ``buffer_mode=``,
+    ``buffer_every=`` (applied by :meth:`DecentralizedOptimizer.sync_buffers` once
+    the outermost constructor has finished)."""
+
+    @functools.wraps(init)
+    def __init__(self: DecentralizedOptimizer, *args: Any, **kwargs: Any) -> None:
+        opts = {k: kwargs.pop(k) for k in _BUFFER_KWARGS if k in kwargs}
+        mb = None
+        if opts.get("buffers") is not None:  # validate before anything is built or sent
+            mb = type(self)._module_buffers_for(opts["buffers"], opts.get("buffer_mode", "mix"),
+                                                opts.get("buffer_every", 1))
+        elif set(opts) - {"buffers"}:
+            raise ValueError(f"{type(self).__name__}: buffer_mode / buffer_every need "
+                             f"buffers= (the modules whose buffers to exchange)")
+        init(self, *args, **kwargs)
+        if mb is not None:
+            self._attach_buffers(mb)
+
+    try:
+        sig = inspect.signature(init)
+        params = list(sig.parameters.values())
+        extra = [
+            inspect.Parameter("buffers", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation="torch.nn.Module | Iterable[torch.nn.Module] | None"),
+            inspect.Parameter("buffer_mode", inspect.Parameter.KEYWORD_ONLY, default="mix",
+                              annotation="str"),
+            inspect.Parameter("buffer_every", inspect.Parameter.KEYWORD_ONLY, default=1,
+                              annotation="int"),
+        ]
+        names = {p.name for p in params}
+        if not names & set(_BUFFER_KWARGS):
+            tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+            head = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+            __init__.__signature__ = sig.replace(parameters=head + extra + tail)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # a signature inspect cannot read: keep it as is
+        pass
+    __init__._decomm_buffer_kwargs = True  # type: ignore[attr-defined]
+    return __init__
+
+
 class DecentralizedOptimizer(torch.optim.Optimizer):
     """Base class: holds an inner optimizer, flat buckets and the schedule.
 
@@ -239,11 +428,23 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             ``decomm.init()`` required); :mod:`decomm.sim` passes its own.
 
     Parameters are moved into one flat buffer per (device, dtype), see
-    :mod:`decomm.optim._flat`.  Only parameters held by the optimizer are mixed:
-    module buffers such as BatchNorm running statistics are **not** mixed and
-    stay rank-local (average them yourself, e.g. ``decomm.allreduce_(b)`` for each
-    floating-point buffer before evaluating; measure their disagreement with
+    :mod:`decomm.optim._flat`.  By default only parameters held by the optimizer
+    are mixed: module buffers such as BatchNorm running statistics stay
+    rank-local, as in BlueFog (measure their disagreement with
     ``decomm.optim.consensus_distance(model, include_buffers=True)``).
+
+    Module buffers (every wrapper's constructor, or :meth:`sync_buffers` later):
+        buffers: an ``nn.Module`` or a list of them (default ``None``: buffers stay
+            local).  Their floating-point buffers ``b`` (BatchNorm's ``running_mean``
+            and ``running_var``; integer ones such as ``num_batches_tracked`` stay
+            local) are exchanged on the communicating steps, one flat tensor and
+            one extra collective per (device, dtype), before the parameters.
+        buffer_mode: ``"mix"`` (default): ``b_i ← Σ_j W(t)[i, j] b_j``, the same
+            round as the parameters (the exact average on ``global_every``
+            steps); ``"average"``: ``b_i ← (1/n) Σ_j b_j``, one ``allreduce_``.
+        buffer_every: ``k >= 1``: only every ``k``-th communicating step
+            exchanges the buffers (with ``communicate_every=p``: every ``k p``
+            steps).
 
     Each flat message (one per (device, dtype), of ``numel`` times the number of
     state segments the algorithm sends) must fit the runtime's per-message limit
@@ -270,7 +471,21 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     _check_column_sums: ClassVar[bool] = False
     #: why decomm.sim cannot run this wrapper (None: it can)
     _simulation_unsupported: ClassVar[str | None] = None
+    #: why this wrapper cannot exchange module buffers (None: it can; see sync_buffers)
+    _buffers_unsupported: ClassVar[str | None] = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # One implementation for every wrapper: each constructor accepts buffers=,
+        # buffer_mode=, buffer_every= without declaring them (see sync_buffers).
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_decomm_buffer_kwargs", False):
+            cls.__init__ = _with_buffer_kwargs(init)  # type: ignore[method-assign]
+        if cls.__doc__ and cls.__module__.startswith("decomm.") and \
+                "sync_buffers" not in cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + _BUFFER_DOC
+
+    @_with_buffer_kwargs
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -307,6 +522,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._catch_up = 0  # local steps left to reach the survivors' step after a loss
         self._deferred_failure: PeerFailureError | None = None
         self._local_ran = False  # this step's local phase has run (for a failure mid-step)
+        self._module_buffers: ModuleBuffers | None = None  # buffers=: see sync_buffers
         self._build(broadcast_parameters, list(range(len(optimizer.param_groups))))
         if self._check_column_sums:
             self._warn_if_not_column_stochastic()
@@ -599,6 +815,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if self._amp_skip():
             return
         mix = self._plan()
+        # Before the parameters (and before the local phase): a peer failure in it
+        # leaves the step untouched, and step() re-runs it on the survivors.
+        self._exchange_module_buffers(mix)
         if not prefetched:
             self._run_local(mix)
             if mix is Mix.NEIGHBOR:
@@ -610,6 +829,79 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._run_finish(mix)
         if mix is Mix.NEIGHBOR:
             self._comm.advance_round()
+
+    # --------------------------------------------------------- module buffers
+    def sync_buffers(self, buffers: Any, *, mode: str = "mix", every: int = 1) -> None:
+        """Exchange the floating-point buffers of ``buffers`` along with the parameters.
+
+        ``buffers``: an ``nn.Module`` (usually the model) or a list of them;
+        ``None`` turns the exchange off again (buffers stay local, the default).
+        On every ``every``-th communicating step, before the parameters, each
+        (device, dtype) group of the floating-point buffers is copied into one
+        flat tensor, exchanged, and copied back:
+
+        * ``mode="mix"``: ``b_i ← Σ_j W(t)[i, j] b_j`` with the step's own round
+          ``W(t)`` (one ``neighbor_allreduce_`` per dtype; on a ``global_every``
+          step the exact average).  Push-sum wrappers and ChocoSGD mix the
+          buffers with the topology's plain ``W(t)`` too: running statistics
+          need neither push-sum de-biasing nor compression.
+        * ``mode="average"``: ``b_i ← (1/n) Σ_j b_j`` (one ``allreduce_`` per
+          dtype), the exact average - what evaluating the consensus model wants.
+
+        Local steps (``communicate_every``) leave the buffers local, as they do
+        the parameters.  Integer buffers (``num_batches_tracked``) always stay
+        local.  The buffers themselves are saved by ``model.state_dict()``, and
+        the schedule follows the wrapper's communication counter, which
+        :meth:`state_dict` saves, so a resumed run exchanges on the same steps.
+
+        Collective when the parameters are checked (``check_parameters=True``,
+        the default): one small ``allgather`` verifies that every rank has
+        buffers of the same shapes and dtypes (``DecommError`` otherwise).  Every
+        rank must pass the same ``mode`` and ``every``.  ``TypeError`` for
+        anything but modules, ``ValueError`` for a bad ``mode`` or ``every``, or
+        for a wrapper that cannot exchange buffers (``AsyncGossip``, whose steps
+        are not collective).
+        """
+        if buffers is None:
+            self._module_buffers = None
+            return
+        self._attach_buffers(self._module_buffers_for(buffers, mode, every))
+
+    @classmethod
+    def _module_buffers_for(cls, buffers: Any, mode: str, every: int) -> ModuleBuffers:
+        if cls._buffers_unsupported:
+            raise ValueError(f"{cls.__name__} cannot exchange module buffers (buffers=): "
+                             f"{cls._buffers_unsupported}")
+        return ModuleBuffers(buffers, mode, every, owner=cls.__name__)
+
+    def _attach_buffers(self, mb: ModuleBuffers) -> None:
+        if self._check_parameters:
+            check_same_parameters(self._comm, mb.tensors(), mb.names())
+        self._module_buffers = mb
+
+    @property
+    def module_buffers(self) -> ModuleBuffers | None:
+        """What :meth:`sync_buffers` set up (``None``: module buffers stay local)."""
+        return self._module_buffers
+
+    def _buffer_plan(self, mix: Mix) -> Mix:
+        """What this step does with the module buffers (``Mix.NONE``: nothing)."""
+        mb = self._module_buffers
+        return Mix.NONE if mb is None else mb.plan(mix, self._comms)
+
+    def _exchange_module_buffers(self, mix: Mix) -> None:
+        mb = self._module_buffers
+        bmix = self._buffer_plan(mix)
+        if mb is None or bmix is Mix.NONE or self._comm.size() <= 1:
+            return
+        comm = _dense_communicator(self._comm)
+        for k, flat in enumerate(mb.pack()):
+            name = f"decomm.optim.{type(self).__name__}.buffers.{k}"
+            if bmix is Mix.NEIGHBOR:
+                comm.neighbor_allreduce_(flat, name=name)
+            else:
+                comm.allreduce_(flat, average=True, name=name)
+        mb.unpack()  # only once every exchange has completed
 
     def _amp_skip(self) -> bool:
         """GradScaler protocol: agree on overflow across ranks, unscale; True = skip."""

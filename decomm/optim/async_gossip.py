@@ -114,6 +114,12 @@ class AsyncGossip(DecentralizedOptimizer):
     # Ranks never wait for each other, so a rank whose gradients overflowed may skip
     # its step alone (GradScaler's default): nothing to agree on, no allreduce.
     _step_supports_amp_scaling = False
+    _buffers_unsupported = (
+        "its steps are not collective (each rank runs at its own pace), and a per-step "
+        "buffer exchange would make every rank wait for its neighbours; average the "
+        "buffers yourself before evaluating (decomm.allreduce_(b) for each floating "
+        "buffer, on every rank)"
+    )
     _simulation_unsupported = (
         "AsyncGossip mixes through one-sided MPI windows, each rank at its own pace "
         "and with stale neighbour values; the simulator steps all nodes in lock-step "

@@ -23,4 +23,13 @@ KNOWN_FAILURES: dict[str, tuple[set[int] | None, str]] = {
         "also refuses (ValueError: not an in-neighbour machine)"),
     "torch_hierarchical_test.py::test_hier_neighbor_allreduce_dynamic_move_dst_weight": (
         {2}, "one machine, as test_hier_neighbor_allreduce_dynamic_move"),
+    "torch_optimizer_test.py": (
+        {1, 2}, "the training tests set lr = 0.01 * size() and thresholds near the noise "
+        "floor (1.5e-10): at 1 and 2 ranks even the communication-free 'Empty' variants "
+        "miss them (measured: 22 of 26 fail at 1 rank; 'AWC Empty' ends at 1.4e-7 at 2 "
+        "ranks), so BlueFog's suite is meaningful from 4 ranks"),
+    "torch_optimizer_test.py::test_dynamic_win_put_optimizer": (
+        {4}, "asynchronous window-put training: the final MSE depends on how the ranks "
+        "interleave (measured 1.56e-10 and 2.1e-8 against the 1.5e-10 threshold on a loaded "
+        "2-core host), so it is not a reliable gate"),
 }

@@ -95,8 +95,10 @@ def _param_names(param_groups: list[dict]) -> dict[int, str]:
     return names
 
 
-def check_same_parameters(comm: Communicator, params: list[Tensor], names: list[str]) -> None:
-    """Raise ``DecommError`` on every rank if ranks wrap different parameters.
+def check_same_parameters(comm: Communicator, params: list[Tensor], names: list[str],
+                          what: str = "parameter") -> None:
+    """Raise ``DecommError`` on every rank if ranks wrap different parameters
+    (``what`` names them in the message: ``"parameter"``, ``"module buffer"``).
 
     Cost: one ``allgather`` of two int64 per rank (count and a CRC32 of the
     shapes and dtypes); only on a mismatch a second ``allgather`` of a small
@@ -115,7 +117,7 @@ def check_same_parameters(comm: Communicator, params: list[Tensor], names: list[
     if len(set(counts)) > 1:
         listing = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
         raise err(
-            f"ranks wrap different numbers of parameters ({listing}); every rank "
+            f"ranks wrap different numbers of {what}s ({listing}); every rank "
             f"must build the same model"
         )
     width = 10
@@ -136,11 +138,11 @@ def check_same_parameters(comm: Communicator, params: list[Tensor], names: list[
         for r in range(1, size):
             if not bool((allrows[r, k] == allrows[0, k]).all()):
                 raise err(
-                    f"parameter {names[k]} differs across ranks: "
+                    f"{what} {names[k]} differs across ranks: "
                     f"{_describe(allrows[0, k])} on rank 0 but "
                     f"{_describe(allrows[r, k])} on rank {r}"
                 )
-    raise err("ranks wrap parameters with different shapes or dtypes")
+    raise err(f"ranks wrap {what}s with different shapes or dtypes")
 
 
 def _describe(row: Tensor) -> str:
@@ -876,7 +878,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
 
     def _attach_buffers(self, mb: ModuleBuffers) -> None:
         if self._check_parameters:
-            check_same_parameters(self._comm, mb.tensors(), mb.names())
+            check_same_parameters(self._comm, mb.tensors(), mb.names(), what="module buffer")
         self._module_buffers = mb
 
     @property

@@ -71,6 +71,7 @@ class State:
     launch_ranks: list[int] = field(default_factory=list)  # current rank -> rank at launch
     lost: list[int] = field(default_factory=list)  # launch ranks lost so far
     topology_source: Any = None  # set_topology's ``n -> Topology`` callable, if one was given
+    stats_base: tuple[int, int] = (0, 0)  # bytes sent/received by backends before a recovery
     plans: dict[int, RoundPlan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -54,6 +54,7 @@ class Recovery:
     detected_s: float  # time.monotonic() when this rank raised the failure
     resumed_s: float = 0.0  # time.monotonic() when recover() returned
     progress: list[int] = field(default_factory=list)  # agreed wrapper counters
+    survivors: list[int] = field(default_factory=list)  # their ranks before the failure
 
 
 _history: list[Recovery] = []
@@ -161,8 +162,11 @@ def recover() -> tuple[int, int]:
     new = runtime._install(p.comm, st.init_args, topo, launch_ranks=new_launch,
                            lost=st.lost + p.lost, round_=rnd, topology_source=st.topology_source)
     new.excepthook = st.excepthook
+    sent, received = st.stats_base  # decomm.stats() keeps counting across the recovery
+    new.stats_base = (sent + int(st.backend.bytes_sent), received + int(st.backend.bytes_received))
     rec = Recovery(lost=p.lost, size=new_size, topology=topo.name, round=rnd,
-                   detected_s=p.detected_s, progress=flat)
+                   detected_s=p.detected_s, progress=flat, survivors=list(p.survivors))
+    _history.append(rec)
     at = 0
     for o, k in zip(live, counts):
         o._fault_resume(flat[at:at + k])
@@ -170,7 +174,6 @@ def recover() -> tuple[int, int]:
     hierarchical._reattach_after_recovery(machines)
     win._reattach_all(windows)
     rec.resumed_s = time.monotonic()
-    _history.append(rec)
     if new.rank == 0:
         where = f"at step {flat[0]}" if flat else f"at round {rnd}"
         sys.stderr.write(f"[decomm] lost rank(s) {p.lost} {where} (process failure); "

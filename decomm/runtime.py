@@ -390,13 +390,17 @@ def get_timeout() -> float:
 
 def stats() -> dict[str, int]:
     """Bytes this rank has sent and received through decomm since init or reset_stats()."""
-    be = _state.require().backend
-    return {"bytes_sent": int(be.bytes_sent), "bytes_received": int(be.bytes_received)}
+    st = _state.require()
+    sent, received = st.stats_base  # counted by backends before a recovery
+    return {"bytes_sent": sent + int(st.backend.bytes_sent),
+            "bytes_received": received + int(st.backend.bytes_received)}
 
 
 def reset_stats() -> None:
     """Zero the counters that :func:`stats` reports."""
-    _state.require().backend.reset_counters()
+    st = _state.require()
+    st.backend.reset_counters()
+    st.stats_base = (0, 0)
 
 
 def mpi_library_version() -> str:

@@ -280,8 +280,8 @@ def write_plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
         if r["ranks"] < prev["ranks"]:  # ranks were lost during this epoch
             for ax in (a1, a2):
                 ax.axvline(r["epoch"] - 0.5, color="red", ls=":", lw=1)
-            a1.text(r["epoch"] - 0.5, 1, f" lost {int(prev['ranks'] - r['ranks'])} rank(s)",
-                    color="red", fontsize=8, va="bottom")
+            a1.text(r["epoch"] - 0.5, 0.02, f" lost {int(prev['ranks'] - r['ranks'])} rank(s)",
+                    color="red", fontsize=8, va="bottom", transform=a1.get_xaxis_transform())
     a1.plot(ep, [100 * r["test_acc_avg"] for r in rows], "o-", label="averaged model")
     a1.plot(ep, [100 * r["test_acc_local"] for r in rows], "s--", label="local models (mean)")
     a1.set_xlabel("epoch")
@@ -308,6 +308,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     must have been called. The returned rows are the same on every rank.
     """
     rank, n = decomm.rank(), decomm.size()
+    n_launch = n  # for file names: fewer ranks may finish (fault tolerance)
     model_name = args.model or default_model(args.dataset)
     threads = args.threads
     if threads is None:  # small models: one thread (less overhead); else share the cores
@@ -418,7 +419,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     if decomm.rank() == 0 and args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = run_name(args, n)
+        stem = run_name(args, n_launch)
         with open(out / f"{stem}.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()

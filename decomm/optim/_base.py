@@ -529,7 +529,9 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if self._check_column_sums:
             self._warn_if_not_column_stochastic()
         st = _state.get()
-        if st is not None and st.fault_tolerant and isinstance(self._comm, MPICommunicator):
+        on_mpi = isinstance(self._comm, MPICommunicator) or isinstance(
+            getattr(self._comm, "_inner", None), MPICommunicator)  # push-sum, CHOCO, windows
+        if st is not None and st.fault_tolerant and on_mpi:
             fault.register(self)
 
     # ------------------------------------------------------------------ setup

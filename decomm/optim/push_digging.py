@@ -130,3 +130,7 @@ class PushDIGing(_PushMixing, GradientTracking):
 
     def _state_tensors(self) -> dict[str, list[Tensor]]:
         return {**super()._state_tensors(), "push_sum_weight": self._v}
+
+    def _restart_after_loss(self) -> None:
+        super()._restart_after_loss()  # trackers restart from the local gradients
+        self._restart_push_sum(self._v)

@@ -267,6 +267,25 @@ class _PushMixing:
         uses in the current round."""
         return self._pw.of(self._comm.rank(), self._comm.current_round())
 
+    def _restart_push_sum(self, weights: list[Tensor]) -> None:
+        """After lost ranks (fault tolerance): the lost nodes' mass is gone, so the
+        survivors' weights no longer sum to their number. Restart push-sum from the
+        de-biased iterates (the parameters hold z = x / w): w = 1. A user's ``P`` is
+        re-planned for the survivors like the topology (Metropolis-Hastings weights on
+        the induced graph, which are doubly - so also column - stochastic)."""
+        from ..fault import last_recovery
+        from ..topology.replan import replan
+
+        for w in weights:
+            w.fill_(1.0)
+        rec = last_recovery()
+        if self._pw._push is not None and rec is not None:
+            self._pw = PushWeights(self._pw._topology, replan(self._pw._push, rec.survivors))
+            if isinstance(self._comm, _PushSumCommunicator):
+                self._comm._weights = self._pw
+        if isinstance(self._comm, _PushSumCommunicator):
+            self._comm.take_started()  # in flight with the old communicator: gone
+
 
 def _check_overlap(overlap: Any) -> int:
     if overlap is True:
@@ -509,6 +528,10 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
             for b, w, m in zip(self._buckets, self._w, self._slots[slot]):
                 b.flat.add_(m[: b.numel])
                 w.add_(float(m[b.numel]))
+
+    def _restart_after_loss(self) -> None:
+        self._queue = []  # messages in flight went with the old communicator
+        self._restart_push_sum(self._w)
 
     def flush(self) -> None:
         """Complete every exchange in flight and apply it (``z = x / w`` again).

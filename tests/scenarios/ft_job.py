@@ -24,7 +24,7 @@ import time
 import torch
 
 import decomm
-from decomm.optim import DSGD, GradientTracking
+from decomm.optim import DSGD, GradientTracking, PushSum
 
 MODE = sys.argv[1]
 VICTIMS = [int(v) for v in (sys.argv[2] if len(sys.argv) > 2 else "1").split(",")]
@@ -104,6 +104,8 @@ def optimizer(kind: str) -> None:
     opt: decomm.optim.DecentralizedOptimizer
     if kind == "gt":
         opt = GradientTracking(torch.optim.SGD([x], lr=lr))
+    elif kind == "pushsum":
+        opt = PushSum(torch.optim.SGD([x], lr=0.05))
     else:
         opt = DSGD(torch.optim.SGD([x], lr=lr), combine_first=(kind == "awc"))
     b = b_of(decomm.launch_rank())
@@ -115,7 +117,10 @@ def optimizer(kind: str) -> None:
         opt.step()
     rec = decomm.fault.last_recovery()
     mean = decomm.allreduce(x.detach().clone(), name="mean")
-    report(x=x.detach().tolist(), mean=mean.tolist(), steps=opt.steps,
+    w = opt.push_weights[0] if kind == "pushsum" else 0.0
+    w_sum = decomm.allreduce(torch.tensor([w], dtype=torch.float64), average=False,
+                             name="w").item()
+    report(x=x.detach().tolist(), mean=mean.tolist(), steps=opt.steps, push_weight_sum=w_sum,
            recover_s=None if rec is None else rec.resumed_s - rec.detected_s,
            topology=decomm.get_topology().name)
 

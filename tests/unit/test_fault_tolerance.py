@@ -153,6 +153,18 @@ def test_dsgd_average_reaches_the_survivors_optimum(mode):
 
 
 @needs_mpi
+def test_push_sum_weights_are_renormalised_on_the_survivors():
+    """Push-sum conserves mass: the survivors' weights must sum to their number again
+    (without the restart they would sum to n minus the lost node's weight)."""
+    rc, results, out = run_ft("pushsum", n=5, victims="3")
+    assert rc == 0, out
+    assert len(results) == 4, out
+    for r in results:
+        assert abs(r["push_weight_sum"] - 4.0) < 1e-9, r
+        assert r["failed"] == [3]
+
+
+@needs_mpi
 def test_two_failures_at_once():
     rc, results, out = run_ft("gt", n=6, victims="1,4")
     assert rc == 0, out

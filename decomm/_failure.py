@@ -16,6 +16,7 @@ import array
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,16 @@ class Pending:
 
 #: The survivors' agreement of a failure not yet recovered from (set by the hook).
 pending: Pending | None = None
+_backends: list[weakref.ref] = []
+
+
+def track(backend: Any) -> Any:
+    """Remember a C++ backend (the world's, the machine grouping's), so that a failure
+    seen on any of them revokes them all: a rank waiting on another communicator
+    (another machine's leaders) stops waiting too. Returns ``backend``."""
+    _backends[:] = [r for r in _backends if r() is not None]
+    _backends.append(weakref.ref(backend))
+    return backend
 
 
 # ------------------------------------------------------------ the agreement
@@ -76,6 +87,10 @@ def _on_peer_failure(message: str) -> PeerFailureError:
         return PeerFailureError(message)
     if pending is None:
         t0 = time.monotonic()
+        for ref in _backends:
+            be = ref()
+            if be is not None:
+                be.revoke()
         st.backend.revoke()
         comm, survivors = survivor_comm(st.comm)
         gone = sorted(set(range(st.size)) - set(survivors))

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _agree, _checks, _state, timeline
+from . import _agree, _checks, _failure, _state, timeline
 from .errors import DecommError
 from .topology import ExponentialGraph, Topology
 
@@ -193,7 +193,10 @@ def init_machines(local_size: int | None = None) -> None:
 
 def _backend(_C: Any, comm: Any, timeout: float, check: bool) -> Any:
     """A C++ backend on ``comm`` (it duplicates it); blocking ops only: no progress thread."""
-    return _C.MpiBackend(comm.py2f(), float(timeout), bool(check), False)
+    be = _C.MpiBackend(comm.py2f(), float(timeout), bool(check), False)
+    st = _state.get()
+    be.fault_tolerant = bool(st is not None and st.fault_tolerant)
+    return _failure.track(be)
 
 
 def shutdown_machines() -> None:

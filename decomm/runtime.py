@@ -164,6 +164,7 @@ def _install(world: Any, init_args: dict[str, Any], topo: Topology, *, launch_ra
     progress = spare_core if raw == "" else raw != "0"
     be = _C.MpiBackend(world.py2f(), init_args["timeout"], init_args["check"], progress)
     be.fault_tolerant = bool(init_args["fault_tolerant"])
+    _failure.track(be)
     state = _state.State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),
                          local_rank=local.Get_rank(), local_size=local.Get_size(),
                          topology=topo, topo_hash=_agree.topology_digest(topo), round=round_)

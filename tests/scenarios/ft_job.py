@@ -96,6 +96,53 @@ def raw(op: str) -> None:
            topology=decomm.get_topology().name)
 
 
+def expected(op: str) -> float:
+    """The closed form of this round's op on the current survivors (x_r = launch rank)."""
+    vals = torch.tensor([float(decomm.launch_rank(k)) for k in range(decomm.size())],
+                        dtype=torch.float64)
+    if op == "hier":
+        h = decomm.hierarchical
+        wm = torch.as_tensor(h.get_machine_topology().matrix(decomm.current_round()))
+        of = torch.tensor([h.machine_of(k) for k in range(decomm.size())])
+        means = torch.stack([vals[of == m].mean() for m in range(h.machine_size())])
+        return float(wm[h.machine_rank()] @ means)
+    w = torch.as_tensor(decomm.get_topology().matrix(decomm.current_round()))
+    return float(w[decomm.rank()] @ vals)
+
+
+def windows_and_machines(op: str) -> None:
+    """Windows (mixed with win_update after every rank's win_put) or the hierarchical op;
+    a barrier each round is the two-sided call that notices a failure (RMA cannot)."""
+    decomm.set_topology(decomm.topology.RingGraph(decomm.size()))
+    x = torch.full((16,), float(decomm.launch_rank()), dtype=torch.float64)
+    if op == "win":
+        decomm.win_create(x, "w")
+    else:
+        decomm.hierarchical.init_machines(local_size=2)
+    recoveries = 0
+    while decomm.current_round() < 30:
+        if decomm.current_round() == AT and decomm.launch_rank() in VICTIMS:
+            die()
+        try:
+            if op == "win":
+                x.fill_(float(decomm.launch_rank()))
+                decomm.win_put(x, "w")
+                decomm.barrier()
+                y = decomm.win_update("w", clone=True)
+                decomm.barrier()
+            else:
+                y = decomm.hierarchical_neighbor_allreduce(x, name="h")
+        except decomm.PeerFailureError:
+            decomm.recover()
+            recoveries += 1
+            continue
+        want = expected(op)
+        assert abs(float(y[0]) - want) < 1e-12, (float(y[0]), want)
+        decomm.advance_round()
+    extra = {"machines": decomm.hierarchical.machine_size()} if op == "hier" else {}
+    report(recoveries=recoveries, **extra)
+
+
 def optimizer(kind: str) -> None:
     steps, lr = 400, 0.2
     decomm.set_topology(decomm.topology.BaseGraph(decomm.size(), 1) if kind == "gt"
@@ -129,7 +176,9 @@ def main() -> None:
     decomm.init(timeout=60)
     if os.environ.get("DECOMM_FAULT_TOLERANT") != "1":
         raise SystemExit("run me with decomm-run --fault-tolerant")
-    if MODE.startswith("raw"):
+    if MODE in ("win", "hier"):
+        windows_and_machines(MODE)
+    elif MODE.startswith("raw"):
         raw({"raw_nonblocking": "nonblocking", "raw_allreduce": "allreduce"}.get(MODE, "nar"))
     else:
         optimizer(MODE)

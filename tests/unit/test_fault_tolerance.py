@@ -165,6 +165,21 @@ def test_push_sum_weights_are_renormalised_on_the_survivors():
 
 
 @needs_mpi
+@pytest.mark.parametrize("mode", ["win", "hier"])
+def test_windows_and_machine_grouping_are_rebuilt_on_the_survivors(mode):
+    """Windows: re-created on the survivors, the failure noticed by a two-sided call (RMA
+    gives none); hierarchical: the machines regrouped (5 ranks in machines of 2 lose
+    launch rank 1: 4 survivors, 2 machines), results against the closed form."""
+    rc, results, out = run_ft(mode, n=5)
+    assert rc == 0, out
+    assert sorted(r["launch"] for r in results) == [0, 2, 3, 4], out
+    for r in results:
+        assert r["failed"] == [1] and r["recoveries"] == 1, r
+        if mode == "hier":
+            assert r["machines"] == 2, r
+
+
+@needs_mpi
 def test_two_failures_at_once():
     rc, results, out = run_ft("gt", n=6, victims="1,4")
     assert rc == 0, out

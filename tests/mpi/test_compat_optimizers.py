@@ -255,6 +255,27 @@ def test_allreduce_and_empty(atc, kind):
     opt.close()
 
 
+@pytest.mark.parametrize("atc", [True, False])
+def test_hierarchical_on_one_machine_is_the_global_average(atc):
+    """All ranks of this job share one host (one machine): the machine mean is the
+    global mean and there is no other machine to gossip with."""
+    n, r = decomm.size(), decomm.rank()
+    if n == 1 or bf.machine_size() != 1:
+        pytest.skip("needs 2+ ranks on one machine")
+    bf.set_machine_topology(tu.ExponentialGraph(1))
+    fac = (bfo.DistributedAdaptThenCombineOptimizer if atc
+           else bfo.DistributedAdaptWithCombineOptimizer)
+    model, opt = setup(n, r, fac,
+                       communication_type=bfo.CommunicationType.hierarchical_neighbor_allreduce)
+    M = np.full((n, n), 1.0 / n)
+    X = x0(n)
+    for t in range(2):
+        train_step(model, opt, r, t)
+        X = M @ (X - u_all(n, t)) if atc else M @ X - u_all(n, t)
+        np.testing.assert_allclose(mine(model), X[r], rtol=0, atol=TOL)
+    opt.close()
+
+
 def test_communication_type_switch_and_deprecated_aliases():
     n, r = decomm.size(), decomm.rank()
     with pytest.warns(PendingDeprecationWarning, match="deprecated"):

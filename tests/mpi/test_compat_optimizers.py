@@ -341,6 +341,24 @@ def test_register_step_function():
     opt.close()
 
 
+def test_turn_on_timeline_records_forward_and_backward(tmp_path):
+    n, r = decomm.size(), decomm.rank()
+    model, opt = setup(n, r, bfo.DistributedAdaptWithCombineOptimizer)
+    decomm.timeline.start(str(tmp_path / "tl-"))
+    try:
+        opt.turn_on_timeline()
+        train_step(model, opt, r, 0)
+        spans = [e["name"] for e in decomm.timeline.events()]
+        assert spans.count("FORWARD") == 1 and spans.count("GRADIENT COMPT.") == 1, spans
+        opt.turn_off_timeline()
+        train_step(model, opt, r, 1)
+        spans = [e["name"] for e in decomm.timeline.events()]
+        assert spans.count("FORWARD") == 1 and spans.count("GRADIENT COMPT.") == 1, spans
+    finally:
+        decomm.timeline.stop()
+        opt.close()
+
+
 # ------------------------------------------------------- gradient allreduce
 def test_gradient_allreduce():
     n, r = decomm.size(), decomm.rank()

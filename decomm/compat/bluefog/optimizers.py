@@ -66,9 +66,8 @@ Differences from BlueFog, on purpose:
 * ``synchronize()`` / ``skip_synchronize()`` exist on
   :func:`DistributedGradientAllreduceOptimizer` only (the Horovod pattern for
   gradient clipping); the parameter-mixing optimizers exchange inside ``step()``.
-  ``turn_on_timeline()`` is replaced by decomm's timeline
-  (``DECOMM_TIMELINE=prefix`` or ``decomm.timeline.start``), which records every
-  exchange.
+  ``turn_on_timeline()`` records one forward and one backward span per model
+  (BlueFog: per parameter) in decomm's timeline, which records every exchange too.
 """
 
 from __future__ import annotations
@@ -76,6 +75,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -234,6 +234,50 @@ class _BlueFogKnobs:
         self.src_machine_weights = None
         self.dst_machine_weights = None
         self.enable_topo_check = False
+        self._timeline_hooks: list[Any] = []
+        self._timeline_open: set[str] = set()
+        if os.environ.get("BLUEFOG_TIMELINE"):  # BlueFog's optimizers turn it on themselves
+            self.turn_on_timeline()
+
+    def turn_on_timeline(self) -> None:
+        """Record each model's forward pass ("FORWARD") and backward pass ("GRADIENT
+        COMPT.", from the first output gradient to the next ``step()``) as activities in
+        decomm's timeline (BlueFog's method; the timeline itself must be on:
+        ``BLUEFOG_TIMELINE`` / ``DECOMM_TIMELINE`` or ``decomm.timeline.start``)."""
+        if self._timeline_hooks:
+            return
+        for k, m in enumerate(self._models):
+            label = f"{type(self).__name__}.{type(m).__name__}.{k}"
+
+            def pre(module: Any, inputs: Any, label: str = label) -> None:
+                _basics.timeline_start_activity(label, "FORWARD")
+
+            def post(module: Any, inputs: Any, output: Any, label: str = label) -> None:
+                _basics.timeline_end_activity(label)
+                first = output[0] if isinstance(output, (tuple, list)) and output else output
+                if isinstance(first, Tensor) and first.requires_grad:
+                    first.register_hook(lambda g, label=label: self._backward_started(label))
+
+            self._timeline_hooks.append(m.register_forward_pre_hook(pre))
+            self._timeline_hooks.append(m.register_forward_hook(post))
+
+    def _backward_started(self, label: str) -> None:
+        if label not in self._timeline_open and \
+                _basics.timeline_start_activity(label, "GRADIENT COMPT."):
+            self._timeline_open.add(label)
+
+    def _timeline_step(self) -> None:
+        """The backward spans end where the step begins."""
+        for label in sorted(self._timeline_open):
+            _basics.timeline_end_activity(label)
+        self._timeline_open.clear()
+
+    def turn_off_timeline(self) -> None:
+        """Remove the hooks of :meth:`turn_on_timeline`."""
+        self._timeline_step()
+        for h in self._timeline_hooks:
+            h.remove()
+        self._timeline_hooks = []
 
     @property
     def num_steps_per_communication(self) -> int:
@@ -286,6 +330,7 @@ class _BlueFogKnobs:
         for h in self._bf_hooks:
             h.remove()
         self._bf_hooks = []
+        self.turn_off_timeline()
 
 
 def _plan_for(kind: CommunicationType) -> Mix:
@@ -330,6 +375,7 @@ class _CombineOptimizer(_BlueFogKnobs, DSGD):
         return _plan_for(self._communication_type)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        self._timeline_step()
         due = self._due()
         loss = super().step(closure)
         if due:
@@ -524,6 +570,7 @@ class _GradientAllreduce(_BlueFogKnobs, DecentralizedOptimizer):
             self._should_synchronize = True
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        self._timeline_step()
         if self._should_synchronize and self._synchronized:
             warnings.warn("optimizer.step() called after optimizer.synchronize() outside "
                           "optimizer.skip_synchronize(): the gradients are averaged again",
@@ -712,6 +759,7 @@ class _WindowOptimizer(_BlueFogKnobs, DecentralizedOptimizer):
                 win.win_put(self._buckets[k].buffer, name, dst_weights={})
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        self._timeline_step()
         if self.force_barrier and self._comm.size() > 1:
             ops.barrier()
         loss = super().step(closure)

@@ -221,6 +221,11 @@ class VectorizedSimulation:
         for key in ("communicator", "broadcast_parameters", "check_parameters"):
             if key in wrapper_kwargs:
                 raise TypeError(f"VectorizedSimulation sets {key!r} itself")
+        if {"buffers", "buffer_mode", "buffer_every"} & set(wrapper_kwargs):
+            raise TypeError(
+                "VectorizedSimulation does not exchange module buffers (buffers=): its "
+                "nodes share one functional model; use decomm.sim.Simulation(..., "
+                "buffers='mix' or 'average')")
         self.topology: Topology = as_topology(topology)
         self.n: int = int(self.topology.n)
         self.round: int = 0

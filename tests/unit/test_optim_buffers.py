@@ -359,3 +359,10 @@ def test_mixed_dtypes_one_flat_per_dtype():
                                W @ S[:, :2], atol=TOL)
     np.testing.assert_allclose(np.stack([m.b.running_mean.numpy() for m in sim.models]),
                                W @ S, rtol=1e-6, atol=1e-6)  # float32 buffers
+
+
+def test_vectorized_simulation_refuses_buffers():
+    from decomm.vsim import VectorizedSimulation
+
+    with pytest.raises(TypeError, match="does not exchange module buffers"):
+        VectorizedSimulation(lazy_ring(), make_model, sgd(0.1), DSGD, buffers="mix")

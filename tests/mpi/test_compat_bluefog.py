@@ -260,3 +260,21 @@ def test_local_allreduce_sums_over_the_machine():
     want = sum((value(j) for j in range(base, base + ls)), torch.zeros(5, dtype=torch.float64))
     got = bf.allreduce(value(r), average=False, is_hierarchical_local=True, name="local")
     assert torch.allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_introspection_and_timeline_off():
+    n, r = bf.size(), bf.rank()
+    assert (n, r) == (decomm.size(), decomm.rank())
+    assert bf.machine_size() == n // bf.local_size()
+    assert bf.machine_rank() == r // bf.local_size()
+    assert isinstance(bf.unified_mpi_window_model_supported(), bool)  # collective
+    assert isinstance(bf.mpi_threads_supported(), bool)
+    assert bf.nccl_built() == decomm.backends.nccl_built()
+    bf.set_skip_negotiate_stage(True)
+    assert bf.get_skip_negotiate_stage() is True
+    bf.set_skip_negotiate_stage(False)
+    if not decomm.timeline.is_enabled():  # BlueFog: False (and one logged error) when off
+        assert bf.timeline_start_activity("t", "ACT") is False
+        assert bf.timeline_end_activity("t") is False
+        with bf.timeline_context("t", "ACT"):
+            pass

@@ -121,3 +121,38 @@ def test_vendored_files_import_only_the_compat_layer():
         assert "import bluefog" not in text and "from bluefog" not in text, path.name
     assert (SUITE / "LICENSE").read_text().startswith("Apache License") or \
         "Apache License" in (SUITE / "LICENSE").read_text()[:200]
+
+
+def _table(srcs: list[list[int]], dsts: list[list[int]]):
+    import torch
+
+    from decomm.compat.bluefog._ops import topology_rows
+
+    n = len(srcs)
+    return torch.stack([topology_rows(srcs[i], dsts[i], n) for i in range(n)])
+
+
+def test_per_call_graph_check_accepts_matching_sides():
+    from decomm.compat.bluefog._ops import topology_errors
+
+    n = 5
+    srcs = [[(i - 1) % n, (i + 2) % n] for i in range(n)]
+    dsts = [[(i + 1) % n, (i - 2) % n] for i in range(n)]
+    assert topology_errors(_table(srcs, dsts), "x") is None
+    # empty sides match too (BlueFog's "empty send neighbours" test)
+    assert topology_errors(_table([[], [0]], [[1], []]), "x") is None
+
+
+def test_per_call_graph_check_names_the_unmatched_edges():
+    from decomm.compat.bluefog._ops import topology_errors
+
+    n = 4  # BlueFog's test: receive from r-1, send to r+2
+    srcs = [[(i - 1) % n] for i in range(n)]
+    dsts = [[(i + 2) % n] for i in range(n)]
+    msg = topology_errors(_table(srcs, dsts), "x")
+    assert msg is not None and "do not match" in msg
+    assert "0->1 (only receiver lists it)" in msg and "0->2 (only sender lists it)" in msg
+    msg = topology_errors(_table([[1], [1]], [[1], [0]]), "y")
+    assert msg is not None and "ranks [1] list themselves" in msg
+    msg = topology_errors(_table([[7], []], [[], []]), "z")
+    assert msg is not None and "ranks [0] name ranks out of range" in msg

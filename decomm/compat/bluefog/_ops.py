@@ -88,42 +88,56 @@ def _check_self_weight(self_weight: Any) -> float:
     return float(self_weight)
 
 
-def check_topology(src: list[int], dst: list[int], label: str) -> None:
-    """Raise ValueError on every rank if the per-call graph is inconsistent anywhere.
-
-    One allgather of each rank's (sources, destinations) as a 0/1 row of length 2n;
-    the edge ``j -> i`` must be listed by i as a source exactly when j lists i as a
-    destination, and no rank may name itself. Every rank sees the same table, so every
-    rank raises (or none does).
-    """
-    n, me = B.size(), B.rank()
+def topology_rows(src: list[int], dst: list[int], n: int) -> torch.Tensor:
+    """This rank's row of the per-call graph check: ``[sources | destinations]`` as 0/1
+    over ``n`` ranks, or all -1 if a rank is out of range (so that every rank raises)."""
     row = torch.zeros(2 * n, dtype=torch.int64)
-    for j in src:
-        if 0 <= j < n:
-            row[j] = 1
-    for j in dst:
-        if 0 <= j < n:
-            row[n + j] = 1
     if any(not 0 <= j < n for j in list(src) + list(dst)):
-        row[:] = -1  # marked, so that every rank raises together after the allgather
-    table = ops.allgather(row.reshape(1, -1), name=f"bluefog.topo_check.{label}")
-    if bool((table < 0).any()):
-        ranks = [i for i in range(n) if bool((table[i] < 0).any())]
-        raise ValueError(f"per-call topology check ({label}): ranks {ranks} name ranks out of "
-                         f"range 0..{n - 1}")
+        row[:] = -1
+        return row
+    for j in src:
+        row[j] = 1
+    for j in dst:
+        row[n + j] = 1
+    return row
+
+
+def topology_errors(table: torch.Tensor, label: str) -> str | None:
+    """What is wrong with the per-call graph gathered in ``table`` (n rows of
+    :func:`topology_rows`), or None. The edge ``j -> i`` must be listed by i as a source
+    exactly when j lists i as a destination, and no rank may name itself."""
+    n = table.shape[0]
+    bad = [i for i in range(n) if bool((table[i] < 0).any())]
+    if bad:
+        return f"per-call topology check ({label}): ranks {bad} name ranks out of range " \
+               f"0..{n - 1}"
     srcm, dstm = table[:, :n], table[:, n:]
     selfs = [i for i in range(n) if srcm[i, i] or dstm[i, i]]
     if selfs:
-        raise ValueError(f"per-call topology check ({label}): ranks {selfs} list themselves as "
-                         "a source or destination (the self weight is self_weight)")
+        return (f"per-call topology check ({label}): ranks {selfs} list themselves as a "
+                "source or destination (the self weight is self_weight)")
     # srcm[i, j] = 1: i receives from j; dstm[j, i] = 1: j sends to i.
     diff = (srcm != dstm.T).nonzero().tolist()
     if diff:
         shown = ", ".join(f"{j}->{i} ({'only receiver' if srcm[i, j] else 'only sender'} lists "
                           "it)" for i, j in diff[:6])
-        raise ValueError(f"per-call topology check ({label}) failed on rank {me}: sources and "
-                         f"destinations do not match for edges {shown}"
-                         f"{' ...' if len(diff) > 6 else ''}")
+        return (f"per-call topology check ({label}): sources and destinations do not match "
+                f"for edges {shown}{' ...' if len(diff) > 6 else ''}")
+    return None
+
+
+def check_topology(src: list[int], dst: list[int], label: str) -> None:
+    """Raise ValueError on every rank if the per-call graph is inconsistent anywhere.
+
+    One allgather of each rank's (sources, destinations) row (:func:`topology_rows`);
+    every rank sees the same table, so every rank raises (or none does).
+    """
+    n = B.size()
+    table = ops.allgather(topology_rows(src, dst, n).reshape(1, -1),
+                          name=f"bluefog.topo_check.{label}")
+    problem = topology_errors(table, label)
+    if problem is not None:
+        raise ValueError(f"{problem} (seen on rank {B.rank()})")
 
 
 # ---------------------------------------------------------- neighbor_allreduce

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <map>
 #include <sstream>
 
@@ -31,6 +32,32 @@ int checked_count(int64_t nbytes, const std::string& what, int rank) {
                       "under 2 GiB");
   }
   return static_cast<int>(nbytes);
+}
+
+int64_t g_max_chunk = (int64_t(INT_MAX) / 4096) * 4096;
+
+void isend_chunks(const void* buf, int64_t nbytes, int peer, int tag, MPI_Comm comm,
+                  std::vector<MPI_Request>& reqs) {
+  const char* p = static_cast<const char*>(buf);
+  int64_t off = 0;
+  do {
+    const int n = static_cast<int>(std::min(g_max_chunk, nbytes - off));
+    reqs.push_back(MPI_REQUEST_NULL);
+    check_mpi(MPI_Isend(p + off, n, MPI_BYTE, peer, tag, comm, &reqs.back()), "MPI_Isend");
+    off += n;
+  } while (off < nbytes);
+}
+
+void irecv_chunks(void* buf, int64_t nbytes, int peer, int tag, MPI_Comm comm,
+                  std::vector<MPI_Request>& reqs) {
+  char* p = static_cast<char*>(buf);
+  int64_t off = 0;
+  do {
+    const int n = static_cast<int>(std::min(g_max_chunk, nbytes - off));
+    reqs.push_back(MPI_REQUEST_NULL);
+    check_mpi(MPI_Irecv(p + off, n, MPI_BYTE, peer, tag, comm, &reqs.back()), "MPI_Irecv");
+    off += n;
+  } while (off < nbytes);
 }
 
 std::string join_ranks(const std::vector<int64_t>& v) {
@@ -246,6 +273,10 @@ MpiBackend::MpiBackend(int64_t comm_f, double timeout_s, bool check, bool progre
   if (has_ub && tag_ub && (*tag_ub - kTagSeqBase) / 3 < g_tag_span)
     g_tag_span = std::max<int64_t>(1, (*tag_ub - kTagSeqBase) / 3);
   MPI_Comm_size(comm_, &size_);
+  if (const char* env = std::getenv("DECOMM_MAX_CHUNK_BYTES")) {
+    const long long v = std::atoll(env);
+    if (v > 0 && v < g_max_chunk) g_max_chunk = v;
+  }
   gone_p2p_.reset(new std::atomic<int64_t>[size_]);
   gone_coll_.reset(new std::atomic<int64_t>[size_]);
   for (int r = 0; r < size_; ++r) {

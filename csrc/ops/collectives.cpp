@@ -5,6 +5,7 @@
 
 #include "ops/internal.h"
 
+#include <algorithm>
 #include <climits>
 
 namespace decomm {
@@ -30,10 +31,13 @@ MPI_Datatype mpi_datatype(c10::ScalarType t) {
 
 }  // namespace
 
-// ------------------------------------------------------ collective (1 request)
+// ------------------------------------------- collective (1 request per chunk)
 bool CollectiveOp::step() {
   int flag = 0;
-  check_mpi(MPI_Test(&reqs_[0], &flag, MPI_STATUS_IGNORE), op_kind_name(kind_));
+  if (reqs_.size() == 1)
+    check_mpi(MPI_Test(&reqs_[0], &flag, MPI_STATUS_IGNORE), op_kind_name(kind_));
+  else
+    testall(reqs_, &flag, op_kind_name(kind_));
   if (!flag) return false;
   mark(kTimeArrived);
   if (average_ && out_.numel() > 0) out_.div_(be_->size());
@@ -54,15 +58,25 @@ std::shared_ptr<Handle> MpiBackend::allreduce(const at::Tensor& x, const at::Ten
   Header hdr = make_header(kAllreduce, coll_seq_++, x, name, -1, 0);
   hdr.flags = average ? 1 : 0;
   if (check_) check_collective(hdr, false, false);
-  auto op = std::make_shared<CollectiveOp>(this, kAllreduce, name, out, average, hdr.seq);
-  if (x.numel() > INT_MAX)  // MPI_Iallreduce counts elements, in a C int
-    throw DecommError("allreduce '" + name + "' on rank " + std::to_string(rank_) + ": " +
-                      std::to_string(x.numel()) + " elements exceed the 2^31-1 elements one MPI "
-                      "reduction takes (MPI counts are 32-bit); split the tensor");
-  const int count = static_cast<int>(x.numel());
-  const void* sendbuf = out.data_ptr() == x.data_ptr() ? MPI_IN_PLACE : x.data_ptr();
-  check_mpi(MPI_Iallreduce(sendbuf, out.data_ptr(), count, mpi_datatype(x.scalar_type()), MPI_SUM,
-                           comm_, op->request()), "MPI_Iallreduce");
+  // One reduction per chunk of at most g_max_chunk bytes (MPI counts are C ints);
+  // non-blocking collectives on one communicator complete in any order but match
+  // in the order they were started, on every rank alike.
+  const int64_t esize = static_cast<int64_t>(x.element_size());
+  const int64_t per = std::max<int64_t>(1, g_max_chunk / esize);
+  const int64_t numel = x.numel();
+  const int64_t chunks = std::max<int64_t>(1, (numel + per - 1) / per);
+  auto op = std::make_shared<CollectiveOp>(this, kAllreduce, name, out, average, hdr.seq, chunks);
+  const bool in_place = out.data_ptr() == x.data_ptr();
+  const MPI_Datatype type = mpi_datatype(x.scalar_type());
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t lo = k * per;
+    const int count = static_cast<int>(std::min(per, numel - lo));
+    char* dst = static_cast<char*>(out.data_ptr()) + lo * esize;
+    const void* src = in_place ? MPI_IN_PLACE
+                               : static_cast<const char*>(x.data_ptr()) + lo * esize;
+    check_mpi(MPI_Iallreduce(src, dst, count, type, MPI_SUM, comm_, op->request(k)),
+              "MPI_Iallreduce");
+  }
   if (t0) op->times_[kTimeBegin] = t0;
   op->mark(kTimePosted);
   if (size_ > 1) bytes_sent += x.numel() * static_cast<int64_t>(x.element_size());
@@ -75,9 +89,14 @@ void MpiBackend::broadcast(const at::Tensor& inout, int root, const std::string&
   hdr.root = root;
   if (check_) check_collective(hdr, false, true);
   const int64_t nbytes = inout.numel() * static_cast<int64_t>(inout.element_size());
-  CollectiveOp op(this, kBroadcast, name, inout, false, hdr.seq);
-  check_mpi(MPI_Ibcast(inout.data_ptr(), checked_count(nbytes, "broadcast '" + name + "'", rank_),
-                       MPI_BYTE, root, comm_, op.request()), "MPI_Ibcast");
+  const int64_t chunks = std::max<int64_t>(1, (nbytes + g_max_chunk - 1) / g_max_chunk);
+  CollectiveOp op(this, kBroadcast, name, inout, false, hdr.seq, chunks);
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t lo = k * g_max_chunk;
+    check_mpi(MPI_Ibcast(static_cast<char*>(inout.data_ptr()) + lo,
+                         static_cast<int>(std::min(g_max_chunk, nbytes - lo)), MPI_BYTE, root,
+                         comm_, op.request(k)), "MPI_Ibcast");
+  }
   if (t0) op.times_[kTimeBegin] = t0;
   op.mark(kTimePosted);
   if (rank_ == root && size_ > 1) bytes_sent += nbytes;

@@ -37,6 +37,16 @@ inline int ng_data_tag(int64_t seq) {
 // MPI counts are C ints: one message carries at most 2^31-1 bytes here.
 int checked_count(int64_t nbytes, const std::string& what, int rank);
 
+// Payloads are sent as messages of at most g_max_chunk bytes (2^31-1 rounded down
+// to 4 KiB; DECOMM_MAX_CHUNK_BYTES sets less, for tests; every rank must use the
+// same), so a tensor of any size travels. Messages of one source, tag and
+// communicator are matched in the order they were sent, so the chunks pair up.
+extern int64_t g_max_chunk;
+void isend_chunks(const void* buf, int64_t nbytes, int peer, int tag, MPI_Comm comm,
+                  std::vector<MPI_Request>& reqs);
+void irecv_chunks(void* buf, int64_t nbytes, int peer, int tag, MPI_Comm comm,
+                  std::vector<MPI_Request>& reqs);
+
 // "[1, 4, 7]"
 std::string join_ranks(const std::vector<int64_t>& v);
 
@@ -78,17 +88,18 @@ class NeighborOp : public Op {
   }
 };
 
-// One MPI request: an MPI_I* collective (allreduce, broadcast, allgather,
-// barrier, the header gather of check_collective). With `average`, the result
-// is divided by the world size once the request completes.
+// MPI_I* collectives (allreduce, broadcast, allgather, barrier, the header
+// gather of check_collective): one request, or one per chunk of a large
+// payload. With `average`, the result is divided by the world size once every
+// request completes.
 class CollectiveOp : public Op {
  public:
   CollectiveOp(MpiBackend* be, int32_t kind, const std::string& name, at::Tensor out,
-               bool average, int64_t seq)
+               bool average, int64_t seq, int64_t requests = 1)
       : Op(be, kind, name, seq), out_(std::move(out)), average_(average) {
-    reqs_.assign(1, MPI_REQUEST_NULL);
+    reqs_.assign(static_cast<size_t>(requests), MPI_REQUEST_NULL);
   }
-  MPI_Request* request() { return &reqs_[0]; }
+  MPI_Request* request(int64_t k = 0) { return &reqs_[static_cast<size_t>(k)]; }
 
  protected:
   bool step() override;

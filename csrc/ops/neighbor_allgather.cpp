@@ -20,7 +20,6 @@ class NeighborAllgatherOp : public NeighborOp {
 
   void post() {
     const int64_t nbytes = x_.numel() * static_cast<int64_t>(x_.element_size());
-    const int count = checked_count(nbytes, "neighbor_allgather '" + name_ + "'", be_->rank());
     row_bytes_ = static_cast<int64_t>(x_.element_size());
     for (int64_t d = 1; d < x_.dim(); ++d) row_bytes_ *= x_.size(d);
     const size_t S = src_.size(), D = dst_.size();
@@ -28,9 +27,10 @@ class NeighborAllgatherOp : public NeighborOp {
     for (auto& h : in_hdr_) h.magic = 0;  // so a header that never arrived cannot pass for one
     parts_.resize(S);
     hdr_reqs_.assign(S, MPI_REQUEST_NULL);
-    data_reqs_.assign(S, MPI_REQUEST_NULL);
+    data_reqs_.assign(S, {});
     data_posted_.assign(S, 0);
-    send_reqs_.assign(2 * D, MPI_REQUEST_NULL);
+    send_hdr_.assign(D, MPI_REQUEST_NULL);
+    send_data_.assign(D, {});
     MPI_Comm comm = be_->comm();
     for (size_t s = 0; s < S; ++s)
       check_mpi(MPI_Irecv(&in_hdr_[s], sizeof(Header), MPI_BYTE, static_cast<int>(src_[s]),
@@ -38,9 +38,8 @@ class NeighborAllgatherOp : public NeighborOp {
     for (size_t d = 0; d < D; ++d) {
       const int peer = static_cast<int>(dst_[d]);
       check_mpi(MPI_Isend(&mine_, sizeof(Header), MPI_BYTE, peer, head_tag(mine_.seq), comm,
-                          &send_reqs_[2 * d]), "MPI_Isend");
-      check_mpi(MPI_Isend(x_.data_ptr(), count, MPI_BYTE, peer, ng_data_tag(mine_.seq), comm,
-                          &send_reqs_[2 * d + 1]), "MPI_Isend");
+                          &send_hdr_[d]), "MPI_Isend");
+      isend_chunks(x_.data_ptr(), nbytes, peer, ng_data_tag(mine_.seq), comm, send_data_[d]);
       be_->bytes_sent += nbytes + static_cast<int64_t>(sizeof(Header));
     }
     mark(kTimePosted);
@@ -84,21 +83,22 @@ class NeighborAllgatherOp : public NeighborOp {
         shape[0] = rows;
         parts_[s] = diff.empty() ? at::empty(shape, x_.options())
                                  : at::empty({std::max<int64_t>(nbytes, 1)}, at::kByte);
-        check_mpi(MPI_Irecv(parts_[s].data_ptr(),
-                            checked_count(nbytes, "neighbor_allgather '" + name_ + "'",
-                                          be_->rank()),
-                            MPI_BYTE, static_cast<int>(src_[s]), ng_data_tag(mine_.seq), comm,
-                            &data_reqs_[s]), "MPI_Irecv");
+        irecv_chunks(parts_[s].data_ptr(), nbytes, static_cast<int>(src_[s]),
+                     ng_data_tag(mine_.seq), comm, data_reqs_[s]);
         be_->bytes_received += nbytes;
         data_posted_[s] = 1;
       }
       int flag = 0;
-      check_mpi(MPI_Test(&data_reqs_[s], &flag, MPI_STATUS_IGNORE), "MPI_Test");
+      testall(data_reqs_[s], &flag, "MPI_Testall");
       all_done &= flag != 0;
     }
     int flag = 0;
-    testall(send_reqs_, &flag, "MPI_Testall");
+    testall(send_hdr_, &flag, "MPI_Testall");
     all_done &= flag != 0;
+    for (auto& v : send_data_) {
+      testall(v, &flag, "MPI_Testall");
+      all_done &= flag != 0;
+    }
     if (!all_done) return false;
     mark(kTimeArrived);
     if (!error_.empty()) return true;
@@ -120,17 +120,24 @@ class NeighborAllgatherOp : public NeighborOp {
 
   void waiting(bool headers_only, std::vector<int64_t>& in,
                std::vector<int64_t>& out) const override {
+    auto open = [](const std::vector<MPI_Request>& v) {
+      for (const auto& r : v)
+        if (r != MPI_REQUEST_NULL) return true;
+      return false;
+    };
     for (size_t s = 0; s < src_.size(); ++s)
-      if (hdr_reqs_[s] != MPI_REQUEST_NULL || (!headers_only && data_reqs_[s] != MPI_REQUEST_NULL))
+      if (hdr_reqs_[s] != MPI_REQUEST_NULL || (!headers_only && open(data_reqs_[s])))
         in.push_back(src_[s]);
     for (size_t d = 0; d < dst_.size(); ++d)
-      if (send_reqs_[2 * d] != MPI_REQUEST_NULL || send_reqs_[2 * d + 1] != MPI_REQUEST_NULL)
-        out.push_back(dst_[d]);
+      if (send_hdr_[d] != MPI_REQUEST_NULL || open(send_data_[d])) out.push_back(dst_[d]);
   }
 
   void requests(std::vector<MPI_Request*>& out) override {
-    for (auto* v : {&hdr_reqs_, &data_reqs_, &send_reqs_})
+    for (auto* v : {&hdr_reqs_, &send_hdr_})
       for (auto& r : *v) out.push_back(&r);
+    for (auto* vv : {&data_reqs_, &send_data_})
+      for (auto& v : *vv)
+        for (auto& r : v) out.push_back(&r);
   }
 
  private:
@@ -139,7 +146,8 @@ class NeighborAllgatherOp : public NeighborOp {
   Header mine_;
   std::vector<Header> in_hdr_;
   std::vector<at::Tensor> parts_;
-  std::vector<MPI_Request> hdr_reqs_, data_reqs_, send_reqs_;
+  std::vector<MPI_Request> hdr_reqs_, send_hdr_;
+  std::vector<std::vector<MPI_Request>> data_reqs_, send_data_;  // chunks per peer
   std::vector<char> data_posted_;
   int64_t row_bytes_ = 0;
 };

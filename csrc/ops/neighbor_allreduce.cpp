@@ -56,13 +56,13 @@ class NeighborAllreduceOp : public NeighborOp {
     const auto dtype = x_.scalar_type();
     const int64_t n = x_.numel();
     nbytes_ = n * static_cast<int64_t>(x_.element_size());
-    count_ = checked_count(nbytes_, "neighbor_allreduce '" + name_ + "'", be_->rank());
     small_ = nbytes_ <= kSmallMessage;
+    count_ = small_ ? static_cast<int>(nbytes_) : 0;  // the large path is chunked
     const size_t S = src_.ranks.size(), D = dst_.ranks.size();
     in_.resize(S);
     recv_.resize(S);
     send_hdr_.assign(D, MPI_REQUEST_NULL);
-    send_data_.assign(D, MPI_REQUEST_NULL);
+    send_data_.assign(D, {});
     MPI_Comm comm = be_->comm();
     for (size_t s = 0; s < S; ++s) {
       const int peer = static_cast<int>(src_.ranks[s]);
@@ -96,8 +96,7 @@ class NeighborAllreduceOp : public NeighborOp {
       } else {
         check_mpi(MPI_Isend(&mine_, sizeof(Header), MPI_BYTE, peer, head_tag(mine_.seq), comm,
                             &send_hdr_[d]), "MPI_Isend");
-        check_mpi(MPI_Isend(payload, count_, MPI_BYTE, peer, bulk_tag(mine_.seq), comm,
-                            &send_data_[d]), "MPI_Isend");
+        isend_chunks(payload, nbytes_, peer, bulk_tag(mine_.seq), comm, send_data_[d]);
       }
       be_->bytes_sent += nbytes_ + static_cast<int64_t>(sizeof(Header));
     }
@@ -121,28 +120,44 @@ class NeighborAllreduceOp : public NeighborOp {
           all_done = false;
         }
       }
-      if (in.bulk != MPI_REQUEST_NULL) {
-        int flag = 0;
-        MPI_Status st;
-        int rc = MPI_Test(&in.bulk, &flag, &st);
-        if (is_peer_failure(rc)) check_mpi(rc, "MPI_Test");
-        if (flag || in.bulk == MPI_REQUEST_NULL) {
-          int got = 0;
-          MPI_Get_count(&st, MPI_BYTE, &got);
-          if ((rc != MPI_SUCCESS || got != count_) && !in.mismatch)
+      if (in.bulk_open) {
+        bool pending = false;
+        for (auto& r : in.bulk) {
+          if (r == MPI_REQUEST_NULL) continue;
+          int flag = 0;
+          MPI_Status st;
+          int rc = MPI_Test(&r, &flag, &st);
+          if (is_peer_failure(rc)) check_mpi(rc, "MPI_Test");
+          if (flag || r == MPI_REQUEST_NULL) {
+            int got = 0;
+            MPI_Get_count(&st, MPI_BYTE, &got);
+            in.bulk_bad |= rc != MPI_SUCCESS;
+            in.bulk_got += got;
+          } else {
+            pending = true;
+          }
+        }
+        if (pending) {
+          all_done = false;
+        } else {
+          in.bulk_open = false;
+          if ((in.bulk_bad || in.bulk_got != nbytes_) && !in.mismatch)
             fail("in-neighbour " + std::to_string(src_.ranks[s]) + " sent " +
-                 (rc != MPI_SUCCESS ? std::string("more than ") : std::to_string(got) + " of ") +
+                 (in.bulk_bad ? std::string("more than ") : std::to_string(in.bulk_got) + " of ") +
                  "the " + std::to_string(nbytes_) + " payload bytes this rank expected");
           else if (!in.mismatch)
-            be_->bytes_received += got;
-        } else {
-          all_done = false;
+            be_->bytes_received += in.bulk_got;
         }
       }
     }
-    for (auto* v : {&send_hdr_, &send_data_}) {
+    {
       int flag = 0;
-      testall(*v, &flag, "MPI_Testall");
+      testall(send_hdr_, &flag, "MPI_Testall");
+      all_done &= flag != 0;
+    }
+    for (auto& v : send_data_) {
+      int flag = 0;
+      testall(v, &flag, "MPI_Testall");
       all_done &= flag != 0;
     }
     if (!all_done) return false;
@@ -172,28 +187,37 @@ class NeighborAllreduceOp : public NeighborOp {
 
   void waiting(bool headers_only, std::vector<int64_t>& in,
                std::vector<int64_t>& out) const override {
+    auto open = [](const std::vector<MPI_Request>& v) {
+      for (const auto& r : v)
+        if (r != MPI_REQUEST_NULL) return true;
+      return false;
+    };
     for (size_t s = 0; s < in_.size(); ++s)
-      if (in_[s].head != MPI_REQUEST_NULL || (!headers_only && in_[s].bulk != MPI_REQUEST_NULL))
+      if (in_[s].head != MPI_REQUEST_NULL || (!headers_only && open(in_[s].bulk)))
         in.push_back(src_.ranks[s]);
     for (size_t d = 0; d < send_hdr_.size(); ++d)
-      if (send_hdr_[d] != MPI_REQUEST_NULL || send_data_[d] != MPI_REQUEST_NULL)
+      if (send_hdr_[d] != MPI_REQUEST_NULL || open(send_data_[d]))
         out.push_back(dst_.ranks[d]);
   }
 
   void requests(std::vector<MPI_Request*>& out) override {
     for (auto& in : in_) {
       out.push_back(&in.head);
-      out.push_back(&in.bulk);
+      for (auto& r : in.bulk) out.push_back(&r);
     }
-    for (auto* v : {&send_hdr_, &send_data_})
-      for (auto& r : *v) out.push_back(&r);
+    for (auto& r : send_hdr_) out.push_back(&r);
+    for (auto& v : send_data_)
+      for (auto& r : v) out.push_back(&r);
   }
 
  private:
   struct Incoming {
     Header hdr;
     MPI_Request head = MPI_REQUEST_NULL;  // the header (with the payload when small)
-    MPI_Request bulk = MPI_REQUEST_NULL;  // the payload of a large message
+    std::vector<MPI_Request> bulk;  // the chunks of a large message's payload
+    bool bulk_open = false;         // chunks still to complete (or to account for)
+    bool bulk_bad = false;
+    int64_t bulk_got = 0;
     bool mismatch = false;
     at::Tensor drain;
   };
@@ -219,14 +243,14 @@ class NeighborAllreduceOp : public NeighborOp {
     // Only a neighbor_allreduce announces a payload on the bulk tags; what a
     // neighbor_allgather sent instead is drained as a failed call's leftover.
     const bool their_bulk = have_header && in.hdr.op == kNeighborAllreduce &&
-                            theirs > kSmallMessage && theirs <= INT_MAX;
+                            theirs > kSmallMessage;
     if (diff.empty()) {
       if (small_) {
         be_->bytes_received += got;
       } else {
-        check_mpi(MPI_Irecv(recv_[s].data_ptr(), count_, MPI_BYTE,
-                            static_cast<int>(src_.ranks[s]), bulk_tag(in.hdr.seq), be_->comm(),
-                            &in.bulk), "MPI_Irecv");
+        irecv_chunks(recv_[s].data_ptr(), nbytes_, static_cast<int>(src_.ranks[s]),
+                     bulk_tag(in.hdr.seq), be_->comm(), in.bulk);
+        in.bulk_open = true;
       }
       return;
     }
@@ -235,9 +259,9 @@ class NeighborAllreduceOp : public NeighborOp {
     if (their_bulk) {
       // Consume the neighbour's payload message, so nothing is left in flight.
       in.drain = at::empty({theirs}, at::kByte);
-      check_mpi(MPI_Irecv(in.drain.data_ptr(), static_cast<int>(theirs), MPI_BYTE,
-                          static_cast<int>(src_.ranks[s]), bulk_tag(in.hdr.seq), be_->comm(),
-                          &in.bulk), "MPI_Irecv");
+      irecv_chunks(in.drain.data_ptr(), theirs, static_cast<int>(src_.ranks[s]),
+                   bulk_tag(in.hdr.seq), be_->comm(), in.bulk);
+      in.bulk_open = true;
     }
   }
 
@@ -254,7 +278,8 @@ class NeighborAllreduceOp : public NeighborOp {
   Header mine_;
   std::vector<Incoming> in_;
   std::vector<at::Tensor> recv_;
-  std::vector<MPI_Request> send_hdr_, send_data_;
+  std::vector<MPI_Request> send_hdr_;
+  std::vector<std::vector<MPI_Request>> send_data_;  // per out-neighbour: the chunks
   std::vector<std::pair<at::Tensor, int64_t>> pooled_;
   int64_t nbytes_ = 0;
   int count_ = 0;

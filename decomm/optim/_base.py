@@ -449,10 +449,11 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             steps).
 
     Each flat message (one per (device, dtype), of ``numel`` times the number of
-    state segments the algorithm sends) must fit the runtime's per-message limit
-    :data:`decomm.optim.comm.MAX_MESSAGE_BYTES` (2**31 − 1 bytes): the
-    constructor and :meth:`add_param_group` raise ``DecommError`` naming the rank,
-    the dtype group and its size otherwise, before anything is sent or stepped.
+    state segments the algorithm sends) may be of any size: past 2 GiB the C++ core
+    sends it as several messages. A lower limit can be set in
+    :data:`decomm.optim.comm.MAX_MESSAGE_BYTES`: the constructor and
+    :meth:`add_param_group` then raise ``DecommError`` naming the rank, the dtype
+    group and its size, before anything is sent or stepped.
 
     Mixed precision: ``torch.amp.GradScaler`` (or :class:`decomm.amp.GradScaler`)
     works unchanged, ``scaler.step(opt)`` included; see :meth:`step`.

@@ -27,11 +27,13 @@ __all__ = [
     "PendingExchange",
 ]
 
-#: Largest message, in bytes, one decomm MPI call sends (an MPI ``int`` count of
-#: bytes: 2**31 − 1).  The wrappers check their flat messages against it before
+#: Largest flat message, in bytes, a wrapper sends in one decomm call. decomm's MPI
+#: core sends a larger payload as several messages of under 2 GiB each (MPI counts
+#: are C ints), so the only limit is what the process can address; lower it where
+#: a transport needs less. The wrappers check their flat messages against it before
 #: the first step; communicators with ``limits_message_size = False`` (the
 #: simulator's) are exempt.
-MAX_MESSAGE_BYTES: int = 2**31 - 1
+MAX_MESSAGE_BYTES: int = 2**62
 
 
 @runtime_checkable

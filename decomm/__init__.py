@@ -14,7 +14,7 @@ Convention: ``W[i, j]`` is the weight rank i gives to the value received from ra
 one round of gossip is ``x <- W @ x``.
 """
 
-from . import compression, hierarchical, timeline, topology, win
+from . import checkpoint, compression, fault, hierarchical, timeline, topology, win
 from ._version import __version__
 from .backends import built_with_cuda, cuda_available, nccl_available
 from .errors import DecommError, PeerFailureError
@@ -93,10 +93,12 @@ __all__ = [
     "broadcast_",
     "broadcast_parameters",
     "built_with_cuda",
+    "checkpoint",
     "compression",
     "cuda_available",
     "current_round",
     "failed_ranks",
+    "fault",
     "get_machine_topology",
     "get_timeout",
     "get_topology",

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -368,7 +367,9 @@ _BUFFER_DOC = """
 def _with_buffer_kwargs(init: Callable[..., None]) -> Callable[..., None]:
     """Wrap a wrapper's ``__init__`` so it accepts ``buffers=``, ``buffer_mode=``,
     ``buffer_every=`` (applied by :meth:`DecentralizedOptimizer.sync_buffers` once
-    the outermost constructor has finished)."""
+    the outermost constructor has finished).  The signature shown by ``help()`` and
+    Sphinx stays the wrapper's own (``functools.wraps``); the class docstring
+    documents the three keywords."""
 
     @functools.wraps(init)
     def __init__(self: DecentralizedOptimizer, *args: Any, **kwargs: Any) -> None:
@@ -384,24 +385,6 @@ def _with_buffer_kwargs(init: Callable[..., None]) -> Callable[..., None]:
         if mb is not None:
             self._attach_buffers(mb)
 
-    try:
-        sig = inspect.signature(init)
-        params = list(sig.parameters.values())
-        extra = [
-            inspect.Parameter("buffers", inspect.Parameter.KEYWORD_ONLY, default=None,
-                              annotation="torch.nn.Module | Iterable[torch.nn.Module] | None"),
-            inspect.Parameter("buffer_mode", inspect.Parameter.KEYWORD_ONLY, default="mix",
-                              annotation="str"),
-            inspect.Parameter("buffer_every", inspect.Parameter.KEYWORD_ONLY, default=1,
-                              annotation="int"),
-        ]
-        names = {p.name for p in params}
-        if not names & set(_BUFFER_KWARGS):
-            tail = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
-            head = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
-            __init__.__signature__ = sig.replace(parameters=head + extra + tail)  # type: ignore[attr-defined]
-    except (TypeError, ValueError):  # a signature inspect cannot read: keep it as is
-        pass
     __init__._decomm_buffer_kwargs = True  # type: ignore[attr-defined]
     return __init__
 

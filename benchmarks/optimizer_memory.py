@@ -186,7 +186,8 @@ def measure(name: str, p: int) -> dict[str, Any]:
                 roots += [(win._windows[n], "window ") for n in opt.window_names]
             for r, label in roots:
                 for k, v in held_tensors(r, [box["inner"]]).items():
-                    held.setdefault(k, label + re.sub(r"\[\d{6,}\]", "[id]", v))
+                    path = re.sub(r"\[\d{6,}\]", "[id]", v).removeprefix("opt.")
+                    held.setdefault(k, label + path)
             # the inner optimizer is skipped as a whole; its state is the bare run's
             params = {storage_key(q) for q in box["model"].parameters()}
             nparam = sum(q.numel() * q.element_size() for q in box["model"].parameters())
@@ -285,7 +286,7 @@ def write_markdown(rows: dict[int, dict[str, dict[str, Any]]], p: int) -> str:
         for s in sizes:
             r = rows[s].get(name)
             cells += [fmt(r["held"]), fmt(r["allocated"]), fmt(r["peak"])] if r else ["-"] * 3
-        parts = ", ".join(f"`{path.removeprefix('opt.')}` {fmt(v)}"
+        parts = ", ".join(f"`{path}` {fmt(v)}"
                           for path, v in r0["held_by"] if v >= 0.005)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {parts} |")
     lines += [
@@ -309,9 +310,11 @@ def write_markdown(rows: dict[int, dict[str, dict[str, Any]]], p: int) -> str:
         "* Module buffers (`buffers=model`) add one flat copy of the floating-point "
         "buffers per dtype (BatchNorm: two vectors per layer, negligible next to P) and "
         "the same pool buffers for their message size.",
-        "* AsyncGossip's windows (`decomm.win`) are reached through `window_names`; "
-        "MPI's own window memory and Open MPI's internal buffers are not c10 allocations "
-        "and are not in these numbers.",
+        "* AsyncGossip's window (`decomm.win`, reached through `window_names`) is MPI "
+        "memory (`MPI_Win_allocate`: one slot for the rank itself and one per "
+        "in-neighbour, hence held 2 at np2 and 3 at np4): it is in *held* but not in "
+        "*allocated*, which counts c10 allocations only. Open MPI's internal buffers "
+        "are in neither.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -66,6 +66,18 @@ def pytest_collection_modifyitems(config, items) -> None:
                 break
 
 
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """timeline_test.py removes its ``timeline_temp{rank}.json`` in tearDownClass, but
+    decomm's timeline stays on and would write the file again at exit: stop it and
+    remove what it wrote, so that no file is left in the working directory."""
+    from decomm import timeline
+
+    if timeline.is_enabled():
+        out = timeline.stop()
+        if out and os.path.basename(out).startswith("timeline_temp") and os.path.exists(out):
+            os.remove(out)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_logreport(report) -> None:
     if not report.failed:

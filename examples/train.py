@@ -277,7 +277,7 @@ def write_plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
     ep = [r["epoch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for prev, r in zip(rows, rows[1:]):
-        if r["ranks"] < prev["ranks"]:  # ranks were lost during this epoch
+        if r.get("ranks", 0) < prev.get("ranks", 0):  # ranks were lost during this epoch
             for ax in (a1, a2):
                 ax.axvline(r["epoch"] - 0.5, color="red", ls=":", lw=1)
             a1.text(r["epoch"] - 0.5, 0.02, f" lost {int(prev['ranks'] - r['ranks'])} rank(s)",

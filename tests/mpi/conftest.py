@@ -57,10 +57,13 @@ def pytest_runtest_logreport(report) -> None:
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
-    """Each test starts from the default topology at round 0 with the default timeout."""
+    """Each test starts from the default topology at round 0, the default timeout and
+    no machine grouping (the next hierarchical call builds the default one)."""
     import decomm
 
     if decomm.is_initialized():
         decomm.set_timeout(TEST_TIMEOUT_S)
         decomm.set_topology(decomm.topology.ExponentialGraph(decomm.size()))
+        # a grouping another test chose (init_machines(1)) must not leak into this one
+        decomm.hierarchical.shutdown_machines()
     yield

@@ -183,6 +183,4 @@ def recover() -> tuple[int, int]:
     return new.rank, new.size
 
 
-
-
 _failure.recover_hook = recover

@@ -50,6 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("has_progress_thread", &MpiBackend::has_progress_thread)
       .def_property("timeout", &MpiBackend::timeout, &MpiBackend::set_timeout)
       .def("set_check", &MpiBackend::set_check)
+      .def_property("spin_us", &MpiBackend::spin_us, &MpiBackend::set_spin_us)
       .def("revoke", &MpiBackend::revoke, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("revoked", &MpiBackend::revoked)
       .def("failed_ranks", &MpiBackend::failed_ranks)

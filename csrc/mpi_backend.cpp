@@ -516,7 +516,18 @@ std::chrono::steady_clock::time_point MpiBackend::deadline() const {
 }
 
 void MpiBackend::run(Op& op) {
-  while (!op.advance()) sched_yield();
+  // Spin for up to spin_ns_ before yielding, as MPI's own wait does: under
+  // load, each sched_yield hands the core to another busy process for a whole
+  // time slice (measured: 7 ms per 4 KiB call with two spinners on two cores,
+  // against 0.1 ms for mpi4py's Waitall). With more ranks than cores the peer
+  // needs this core to make progress, and spin_ns_ is 0 (set by the runtime).
+  const int64_t budget = spin_ns_.load(std::memory_order_relaxed);
+  const int64_t t0 = budget > 0 ? steady_ns() : 0;
+  uint32_t k = 0;
+  while (!op.advance()) {
+    if (budget > 0 && ((++k & 15u) != 0 || steady_ns() - t0 < budget)) continue;
+    sched_yield();
+  }
   if (timeline()) tl_last_times = op.times();
 }
 

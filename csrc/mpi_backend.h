@@ -130,6 +130,9 @@ class MpiBackend {
   void set_check(bool c) { check_ = c; }
   bool check() const { return check_; }  // cross-rank header checks on
   bool timeline() const { return timeline_.load(std::memory_order_relaxed); }
+  // How long a blocking wait spins before it yields the core (ns; 0: yield at once).
+  void set_spin_us(double us) { spin_ns_.store(static_cast<int64_t>(us * 1e3)); }
+  double spin_us() const { return spin_ns_.load() / 1e3; }
   void set_timeline(bool on) { timeline_.store(on, std::memory_order_relaxed); }
 
   // out = self_weight * x + sum_j src.weights[j] * x_j over src.ranks, while x
@@ -193,6 +196,7 @@ class MpiBackend {
   double timeout_s_;
   bool check_;
   std::atomic<bool> timeline_{false};
+  std::atomic<int64_t> spin_ns_{0};
   int64_t p2p_seq_ = 0, coll_seq_ = 0;
 
   std::thread progress_;

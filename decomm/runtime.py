@@ -47,16 +47,17 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 300.0
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str, default: float, allow_zero: bool = False) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {raw!r}")
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, "
+                         f"got {raw!r}")
     return value
 
 
@@ -163,6 +164,11 @@ def _install(world: Any, init_args: dict[str, Any], topo: Topology, *, launch_ra
     raw = os.environ.get("DECOMM_PROGRESS_THREAD", "")
     progress = spare_core if raw == "" else raw != "0"
     be = _C.MpiBackend(world.py2f(), init_args["timeout"], init_args["check"], progress)
+    # A blocking wait spins before it yields when every rank of the node has a core:
+    # a yield under load gives the core away for a whole time slice. With more ranks
+    # than cores the peer needs the core, so it yields at once. DECOMM_SPIN_US overrides.
+    has_core = local.Get_size() <= (os.cpu_count() or 1)
+    be.spin_us = _env_float("DECOMM_SPIN_US", 1000.0 if has_core else 0.0, allow_zero=True)
     be.fault_tolerant = bool(init_args["fault_tolerant"])
     _failure.track(be)
     state = _state.State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),

@@ -39,25 +39,19 @@ int64_t g_max_chunk = (int64_t(INT_MAX) / 4096) * 4096;
 void isend_chunks(const void* buf, int64_t nbytes, int peer, int tag, MPI_Comm comm,
                   std::vector<MPI_Request>& reqs) {
   const char* p = static_cast<const char*>(buf);
-  int64_t off = 0;
-  do {
-    const int n = static_cast<int>(std::min(g_max_chunk, nbytes - off));
+  for_each_chunk(nbytes, g_max_chunk, [&](int64_t, int64_t off, int n) {
     reqs.push_back(MPI_REQUEST_NULL);
     check_mpi(MPI_Isend(p + off, n, MPI_BYTE, peer, tag, comm, &reqs.back()), "MPI_Isend");
-    off += n;
-  } while (off < nbytes);
+  });
 }
 
 void irecv_chunks(void* buf, int64_t nbytes, int peer, int tag, MPI_Comm comm,
                   std::vector<MPI_Request>& reqs) {
   char* p = static_cast<char*>(buf);
-  int64_t off = 0;
-  do {
-    const int n = static_cast<int>(std::min(g_max_chunk, nbytes - off));
+  for_each_chunk(nbytes, g_max_chunk, [&](int64_t, int64_t off, int n) {
     reqs.push_back(MPI_REQUEST_NULL);
     check_mpi(MPI_Irecv(p + off, n, MPI_BYTE, peer, tag, comm, &reqs.back()), "MPI_Irecv");
-    off += n;
-  } while (off < nbytes);
+  });
 }
 
 std::string join_ranks(const std::vector<int64_t>& v) {
@@ -212,11 +206,12 @@ bool Op::advance() {
   if (!done && be_->any_gone()) {
     std::string gone = departed();
     if (!gone.empty()) {
-      if (be_->fault_tolerant())
-        fail_peer(gone);
-      else
+      if (be_->fault_tolerant()) {
+        fail_peer(gone);  // also completes and releases the requests
+      } else {
         fail(gone);
-      abandon_requests();
+        abandon_requests();
+      }
       done = true;
     }
   }

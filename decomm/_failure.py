@@ -24,7 +24,8 @@ from typing import Any
 from . import _state, errors, timeline
 from .errors import PeerFailureError
 
-__all__ = ["disable", "enable", "finish", "pending", "status_file", "write_status"]
+__all__ = ["agreed", "disable", "enable", "finish", "pending", "status_file", "survivor_comm",
+           "track", "write_status"]
 
 
 def _mpi() -> Any:
@@ -47,10 +48,12 @@ pending: Pending | None = None
 _backends: list[weakref.ref] = []
 
 
-def track(backend: Any) -> Any:
-    """Remember a C++ backend (the world's, the machine grouping's), so that a failure
-    seen on any of them revokes them all: a rank waiting on another communicator
-    (another machine's leaders) stops waiting too. Returns ``backend``."""
+def track(backend: Any, fault_tolerant: bool) -> Any:
+    """Set up a new C++ backend (the world's, the machine grouping's) for fault tolerance
+    and remember it, so that a failure seen on any of them revokes them all: a rank
+    waiting on another communicator (another machine's leaders) stops waiting too.
+    Returns ``backend``."""
+    backend.fault_tolerant = bool(fault_tolerant)
     _backends[:] = [r for r in _backends if r() is not None]
     _backends.append(weakref.ref(backend))
     return backend
@@ -74,6 +77,14 @@ def survivor_comm(comm: Any) -> tuple[Any, list[int]]:
         return new, [int(r) for r in old]
 
 
+def agreed(st: _state.State, comm: Any, survivors: list[int], message: str,
+           detected_s: float) -> Pending:
+    """The :class:`Pending` recovery of ``st``'s job shrunk to ``comm`` (``survivors``:
+    their ranks in ``st.comm``); the lost ones by launch rank."""
+    gone = sorted(set(range(st.size)) - set(survivors))
+    return Pending(comm, survivors, [st.launch_ranks[r] for r in gone], message, detected_s)
+
+
 def _on_peer_failure(message: str) -> PeerFailureError:
     """The hook the C++ core's translator calls for a peer failure (fault tolerance on).
 
@@ -87,15 +98,12 @@ def _on_peer_failure(message: str) -> PeerFailureError:
         return PeerFailureError(message)
     if pending is None:
         t0 = time.monotonic()
-        for ref in _backends:
+        for ref in _backends:  # st.backend among them
             be = ref()
             if be is not None:
                 be.revoke()
-        st.backend.revoke()
         comm, survivors = survivor_comm(st.comm)
-        gone = sorted(set(range(st.size)) - set(survivors))
-        lost = [st.launch_ranks[r] for r in gone]
-        pending = Pending(comm, survivors, lost, message, t0)
+        pending = agreed(st, comm, survivors, message, t0)
     p = pending
     return PeerFailureError(
         f"rank {st.launch_ranks[st.rank]} (launch id): lost rank(s) {p.lost} (launch ids), "

@@ -114,9 +114,8 @@ def _agree_on_counters(p: Any, st: _state.State, mine: list[int]) -> tuple[Any, 
             return p, _agree_max(p.comm, mine, "optimizer-wrapper counters")
         except MPI.Exception:
             comm, survivors = _failure.survivor_comm(p.comm)
-            old = [p.survivors[r] for r in survivors]
-            lost = [st.launch_ranks[r] for r in sorted(set(range(st.size)) - set(old))]
-            p = _failure.Pending(comm, old, lost, p.message, p.detected_s)
+            p = _failure.agreed(st, comm, [p.survivors[r] for r in survivors], p.message,
+                                p.detected_s)
 
 
 def recover() -> tuple[int, int]:

@@ -193,10 +193,9 @@ def init_machines(local_size: int | None = None) -> None:
 
 def _backend(_C: Any, comm: Any, timeout: float, check: bool) -> Any:
     """A C++ backend on ``comm`` (it duplicates it); blocking ops only: no progress thread."""
-    be = _C.MpiBackend(comm.py2f(), float(timeout), bool(check), False)
     st = _state.get()
-    be.fault_tolerant = bool(st is not None and st.fault_tolerant)
-    return _failure.track(be)
+    return _failure.track(_C.MpiBackend(comm.py2f(), float(timeout), bool(check), False),
+                          st is not None and st.fault_tolerant)
 
 
 def shutdown_machines() -> None:

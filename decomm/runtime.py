@@ -160,17 +160,17 @@ def _install(world: Any, init_args: dict[str, Any], topo: Topology, *, launch_ra
     # spare for it: with every core busy it slowed overlapped work down
     # (benchmarks/results/overlap.md). DECOMM_PROGRESS_THREAD=1/0 forces either way;
     # without the thread, ops progress inside wait()/poll().
-    spare_core = local.Get_size() < (os.cpu_count() or 1)
+    ranks_here, cores = local.Get_size(), os.cpu_count() or 1
+    spare_core = ranks_here < cores
     raw = os.environ.get("DECOMM_PROGRESS_THREAD", "")
     progress = spare_core if raw == "" else raw != "0"
     be = _C.MpiBackend(world.py2f(), init_args["timeout"], init_args["check"], progress)
     # A blocking wait spins before it yields when every rank of the node has a core:
     # a yield under load gives the core away for a whole time slice. With more ranks
     # than cores the peer needs the core, so it yields at once. DECOMM_SPIN_US overrides.
-    has_core = local.Get_size() <= (os.cpu_count() or 1)
-    be.spin_us = _env_float("DECOMM_SPIN_US", 1000.0 if has_core else 0.0, allow_zero=True)
-    be.fault_tolerant = bool(init_args["fault_tolerant"])
-    _failure.track(be)
+    be.spin_us = _env_float("DECOMM_SPIN_US", 1000.0 if ranks_here <= cores else 0.0,
+                            allow_zero=True)
+    _failure.track(be, init_args["fault_tolerant"])
     state = _state.State(comm=world, backend=be, rank=world.Get_rank(), size=world.Get_size(),
                          local_rank=local.Get_rank(), local_size=local.Get_size(),
                          topology=topo, topo_hash=_agree.topology_digest(topo), round=round_)

@@ -64,19 +64,17 @@ std::shared_ptr<Handle> MpiBackend::allreduce(const at::Tensor& x, const at::Ten
   const int64_t esize = static_cast<int64_t>(x.element_size());
   const int64_t per = std::max<int64_t>(1, g_max_chunk / esize);
   const int64_t numel = x.numel();
-  const int64_t chunks = std::max<int64_t>(1, (numel + per - 1) / per);
-  auto op = std::make_shared<CollectiveOp>(this, kAllreduce, name, out, average, hdr.seq, chunks);
+  auto op = std::make_shared<CollectiveOp>(this, kAllreduce, name, out, average, hdr.seq,
+                                           chunk_count(numel, per));
   const bool in_place = out.data_ptr() == x.data_ptr();
   const MPI_Datatype type = mpi_datatype(x.scalar_type());
-  for (int64_t k = 0; k < chunks; ++k) {
-    const int64_t lo = k * per;
-    const int count = static_cast<int>(std::min(per, numel - lo));
+  for_each_chunk(numel, per, [&](int64_t k, int64_t lo, int count) {
     char* dst = static_cast<char*>(out.data_ptr()) + lo * esize;
     const void* src = in_place ? MPI_IN_PLACE
                                : static_cast<const char*>(x.data_ptr()) + lo * esize;
     check_mpi(MPI_Iallreduce(src, dst, count, type, MPI_SUM, comm_, op->request(k)),
               "MPI_Iallreduce");
-  }
+  });
   if (t0) op->times_[kTimeBegin] = t0;
   op->mark(kTimePosted);
   if (size_ > 1) bytes_sent += x.numel() * static_cast<int64_t>(x.element_size());
@@ -89,14 +87,12 @@ void MpiBackend::broadcast(const at::Tensor& inout, int root, const std::string&
   hdr.root = root;
   if (check_) check_collective(hdr, false, true);
   const int64_t nbytes = inout.numel() * static_cast<int64_t>(inout.element_size());
-  const int64_t chunks = std::max<int64_t>(1, (nbytes + g_max_chunk - 1) / g_max_chunk);
-  CollectiveOp op(this, kBroadcast, name, inout, false, hdr.seq, chunks);
-  for (int64_t k = 0; k < chunks; ++k) {
-    const int64_t lo = k * g_max_chunk;
-    check_mpi(MPI_Ibcast(static_cast<char*>(inout.data_ptr()) + lo,
-                         static_cast<int>(std::min(g_max_chunk, nbytes - lo)), MPI_BYTE, root,
+  CollectiveOp op(this, kBroadcast, name, inout, false, hdr.seq,
+                  chunk_count(nbytes, g_max_chunk));
+  for_each_chunk(nbytes, g_max_chunk, [&](int64_t k, int64_t lo, int count) {
+    check_mpi(MPI_Ibcast(static_cast<char*>(inout.data_ptr()) + lo, count, MPI_BYTE, root,
                          comm_, op.request(k)), "MPI_Ibcast");
-  }
+  });
   if (t0) op.times_[kTimeBegin] = t0;
   op.mark(kTimePosted);
   if (rank_ == root && size_ > 1) bytes_sent += nbytes;

@@ -6,6 +6,7 @@
 
 #include "mpi_backend.h"
 
+#include <algorithm>
 #include <climits>
 #include <string>
 #include <vector>
@@ -42,6 +43,22 @@ int checked_count(int64_t nbytes, const std::string& what, int rank);
 // same), so a tensor of any size travels. Messages of one source, tag and
 // communicator are matched in the order they were sent, so the chunks pair up.
 extern int64_t g_max_chunk;
+
+// The chunks of a payload of `total` units, at most `per` units each (one chunk
+// for an empty payload, so both sides still pair one message): how many, and
+// post(k, offset, count) for each, in order.
+inline int64_t chunk_count(int64_t total, int64_t per) {
+  return std::max<int64_t>(1, (total + per - 1) / per);
+}
+template <typename Post>
+void for_each_chunk(int64_t total, int64_t per, Post&& post) {
+  const int64_t chunks = chunk_count(total, per);
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t lo = k * per;
+    post(k, lo, static_cast<int>(std::min(per, total - lo)));
+  }
+}
+
 void isend_chunks(const void* buf, int64_t nbytes, int peer, int tag, MPI_Comm comm,
                   std::vector<MPI_Request>& reqs);
 void irecv_chunks(void* buf, int64_t nbytes, int peer, int tag, MPI_Comm comm,

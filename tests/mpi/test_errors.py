@@ -92,6 +92,16 @@ def test_set_topology_disagreement_detected():
         decomm.set_topology(topo)
 
 
+def test_set_topology_takes_a_callable_of_n():
+    n = decomm.size()
+    decomm.set_topology(lambda m: T.BaseGraph(m, 1))
+    assert decomm.get_topology().fingerprint() == T.BaseGraph(n, 1).fingerprint()
+    with pytest.raises(TypeError, match="must return a decomm.topology.Topology"):
+        decomm.set_topology(lambda m: np.eye(m))
+    with pytest.raises(ValueError, match="nodes but decomm.size"):
+        decomm.set_topology(lambda m: T.RingGraph(m + 1))
+
+
 def test_bad_matrices_rejected_before_any_message():
     n = decomm.size()
     with pytest.raises(ValueError, match="nodes but decomm.size"):

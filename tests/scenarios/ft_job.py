@@ -58,7 +58,10 @@ def report(**fields) -> None:
 
 def raw(op: str) -> None:
     """Raw ops: x_i = launch rank; each round's result against W(t) @ x on the survivors."""
-    decomm.set_topology(decomm.topology.RingGraph(decomm.size()))
+    if MODE == "raw_callable":  # the survivors' graph comes from the user's callable
+        decomm.set_topology(lambda n: decomm.topology.FullyConnectedGraph(n))
+    else:
+        decomm.set_topology(decomm.topology.RingGraph(decomm.size()))
     x = torch.full((1000,), float(decomm.launch_rank()), dtype=torch.float64)
     errors, recoveries, times = [], 0, []
     while decomm.current_round() < 40:

@@ -200,6 +200,16 @@ def test_a_failure_during_recovery():
 
 
 @needs_mpi
+def test_a_topology_callable_plans_the_survivors_graph():
+    rc, results, out = run_ft("raw_callable")
+    assert rc == 0, out
+    assert len(results) == 3, out
+    for r in results:
+        assert r["topology"] == "FullyConnectedGraph(n=3)", r
+        assert r["failed"] == [1] and r["recoveries"] == 1, r
+
+
+@needs_mpi
 def test_fail_on_loss_makes_the_status_nonzero():
     rc, results, out = run_ft("raw", extra=("--fail-on-loss",))
     assert rc == 3, out

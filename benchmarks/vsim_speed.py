@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from datasets import load_digits  # noqa: E402
 from models import SmallCNN  # noqa: E402
 
-from decomm.optim import D2, DSGD, GradientTracking, QGDSGDm  # noqa: E402
+from decomm.optim import D2, DSGD, GradientTracking, PushDIGing, PushSum, QGDSGDm  # noqa: E402
 from decomm.sim import Simulation  # noqa: E402
 from decomm.topology import BaseGraph  # noqa: E402
 from decomm.vsim import VectorizedSimulation  # noqa: E402
@@ -67,6 +67,11 @@ WRAPPERS: dict[str, tuple[type, dict]] = {
     "GradientTracking": (GradientTracking, {}),
     "D2": (D2, {}),
     "QGDSGDm": (QGDSGDm, {"momentum": 0.9}),
+    "PushSum": (PushSum, {}),
+    "PushSum-overlap": (PushSum, {"overlap": 1}),
+    "PushDIGing": (PushDIGing, {}),
+    # ExactDiffusion and ChocoSGD are left out: the benchmark's BaseGraph is time-varying
+    # (ExactDiffusion may diverge over it, ChocoSGD refuses it)
 }
 
 

@@ -2,8 +2,12 @@
 
 Each virtual node has its own model copy, its own torch optimizer wrapped by
 the same wrapper class used under MPI (``DSGD``, ``GradientTracking``, ``D2``,
-``QGDSGDm``, ``ExactDiffusion``, ``PushSum``, ``PushDIGing``), and its own
-data (the loss function receives the node index).
+``QGDSGDm``, ``ExactDiffusion``, ``PushSum``, ``PushDIGing``, ``ChocoSGD``), and
+its own data (the loss function receives the node index).  ChocoSGD compresses
+per node, as under MPI: node ``i``'s wrapper compresses its own message, drawing
+stochastic compressors' numbers from the stream ``(rank i, bucket)``, and the
+simulator mixes the dense decompressed messages (the same numbers a rank adds
+from its in-neighbours' payloads).
 A step runs the wrappers' *local phase* on every node, mixes the n flat
 communication buffers with the topology's sparse ``W(t)`` (``Y = W(t) @ X``, X
 the n buffers stacked as rows), runs the *finish phase* on every node and
@@ -70,7 +74,7 @@ __all__ = ["SimNodeCommunicator", "Simulation", "as_topology"]
 
 #: the wrapper classes of decomm.optim that the simulator runs
 SUPPORTED_WRAPPERS = ("DSGD", "GradientTracking", "D2", "QGDSGDm", "PushSum", "PushDIGing",
-                      "ExactDiffusion")
+                      "ExactDiffusion", "ChocoSGD")
 
 
 def as_topology(topology: Any) -> Topology:
@@ -157,7 +161,8 @@ class Simulation:
         wrapper_cls: the decomm.optim wrapper class (default ``DSGD``): one of
             the synchronous wrappers ``DSGD``, ``GradientTracking``, ``D2``,
             ``QGDSGDm``, ``ExactDiffusion``, ``PushSum`` (``overlap`` included),
-            ``PushDIGing`` or a subclass; the push-sum wrappers are mixed with
+            ``PushDIGing``, ``ChocoSGD`` (static topologies, as under MPI) or a
+            subclass; the push-sum wrappers are mixed with
             their column-stochastic ``P(t)`` (built from the topology's graph or
             their ``weights=``), not with ``W(t)``.  ``AsyncGossip`` (one-sided
             windows, no common round) needs the MPI runtime; a ``TypeError`` says so.

@@ -17,10 +17,10 @@ same algorithms with every node's state *stacked*: each parameter of shape
   ...: see :data:`ELEMENTWISE_OPTIMIZERS`) that *is* n independent optimizers,
   because every node's entries only ever meet their own state;
 * the wrapper's algebra is the wrapper's own: the same ``decomm.optim`` class
-  (``DSGD``, ``GradientTracking``, ``D2``, ``QGDSGDm``) wraps the stacked
-  optimizer and runs its local and finish phases once, on the stacked flat
-  buffers (their algebra is elementwise, so it acts on each node's entries as
-  it would on that node alone);
+  (``DSGD``, ``GradientTracking``, ``D2``, ``QGDSGDm``, ``ExactDiffusion``,
+  ``ChocoSGD``) wraps the stacked optimizer and runs its local and finish
+  phases once, on the stacked flat buffers (their algebra is elementwise, so it
+  acts on each node's entries as it would on that node alone);
 * the mix is a matrix product on the flat buffers themselves.  A wrapper's
   bucket stores each stacked parameter contiguously, so every parameter's part
   of a flat buffer (per segment: parameters, trackers, ...) *is* an
@@ -38,17 +38,41 @@ same algorithms with every node's state *stacked*: each parameter of shape
   faster for a 38k-parameter one (linear layers need no transposed weights);
   the mix is a negligible part of a step either way.
 
-Push-sum (:class:`decomm.optim.PushSum`, Assran et al., ICML 2019) with its
-column-stochastic ``P(t)`` runs as DSGD's adapt phase (the inner optimizer
-step) framed by the push-sum weights ``w`` (one per node, ``w^0 = 1``), as
-:class:`~decomm.optim.PushSum` does per rank: ``x = w z``, ``x ← x − u``,
-``[x, w] ← P(t) [x, w]``, ``z = x / w``.  ``P(t)`` is PushSum's own
-(:class:`decomm.optim.push_sum.PushWeights`: the uniform split
-``P[j, i] = 1/(outdeg_i(t) + 1)`` over the topology's out-neighbours and ``i``
-itself, or the explicit ``weights=``).  PushSum's ``w`` is one scalar per
-wrapper, so its phases cannot run once for all nodes; this framing is the one
-place where the vectorized simulator restates an algorithm's equations
-(overlapped PushSum, ``overlap=``, is not vectorized).
+What is restated rather than run as the wrapper's own code, and why:
+
+* **Push-sum weights.**  :class:`decomm.optim.PushSum` (Assran et al., ICML
+  2019) and :class:`decomm.optim.PushDIGing` (Nedić, Olshevsky & Shi, SIAM J.
+  Optim. 2017) keep one scalar weight per wrapper, sent in the last element of
+  their message, so their phases cannot run once for all nodes.  The stacked
+  wrapper is the base algorithm's (PushSum: DSGD's adapt phase, the inner
+  optimizer step; PushDIGing: GradientTracking's tracker update and inner step
+  fed the tracker), and the simulator frames it with the ``(n,)`` weights
+  :attr:`push_weights` (``w^0 = 1``) as the wrappers do per rank: ``x = w z``,
+  the base phases, ``[buffers, w] ← P(t) [buffers, w]``, ``z = x / w``.
+  ``P(t)`` is the wrappers' own (:class:`decomm.optim.push_sum.PushWeights`: the
+  uniform split ``P[j, i] = 1/(outdeg_i(t) + 1)`` over the topology's
+  out-neighbours and ``i`` itself, or the explicit ``weights=``), and ``w``
+  travels in the first bucket's dtype, as in the message.
+* **Overlapped PushSum** (``overlap=τ``, Overlap SGP, Alg. 2 of Assran et al.):
+  PushSum's in-flight queue is per wrapper too, so the simulator keeps it, with
+  PushSum's own bookkeeping: ``τ + 1`` message slots of the stacked numerators
+  and weights; gossip step ``c`` copies ``[x^{c+1/2}, w^c]`` into the first free
+  slot, every node keeps ``P(c)[i, i]`` of its mass at once (the share
+  :meth:`~decomm.optim.push_sum.PushWeights.of` gives each rank), the slot is
+  mixed with ``P(c) − diag P(c)`` (what the looped simulator mixes) and queued,
+  and the exchange started at step ``c − τ`` is added to ``x`` and ``w`` before
+  ``z = x / w``; a global step first applies every exchange in flight, local
+  steps neither start nor apply any.  :meth:`flush` applies what is in flight
+  (``PushSum.flush``); :meth:`state_dict` holds the slots and the queue.
+* **ChocoSGD's compression** (Koloskova, Stich & Jaggi, ICML 2019) is per node:
+  the stacked :class:`~decomm.optim.ChocoSGD` runs its own phases (public copy
+  ``x̂``, memory ``s``, consensus step) on the stacked buffers, and its
+  compressor is wrapped to compress each node's vector (row ``i`` of every
+  parameter's block, concatenated: node ``i``'s bucket) separately, drawing
+  from the stream ``(rank i, bucket k)`` that rank ``i`` draws from under MPI
+  (:meth:`decomm.compression.Compressor.make_generator`).  Top-k selection and
+  random draws do not batch over nodes, so this is a loop of n compressions per
+  step.  Static topologies only, as for ChocoSGD everywhere.
 
 The trajectories equal the looped simulator's (and so an MPI run's) up to
 floating-point summation order; ``tests/unit/test_vsim.py`` checks this for
@@ -89,8 +113,9 @@ ops unless ``randomness="different"`` or ``"same"`` (vmap's modes: different
 dropout masks per node, or one shared mask; neither reproduces the looped
 simulator's global-RNG sequence), optimizers whose update is not elementwise
 (LBFGS, anything with per-tensor norms), wrappers whose algebra is not checked
-to be elementwise over nodes (subclasses, ``AsyncGossip``, compressed or other
-wrappers; use :class:`decomm.sim.Simulation`), and GradScaler mixed precision.
+to be elementwise over nodes (subclasses of the supported ones, user wrappers;
+use :class:`decomm.sim.Simulation`), ``AsyncGossip`` (one-sided windows, no
+common round: neither simulator runs it), and GradScaler mixed precision.
 """
 
 from __future__ import annotations
@@ -103,9 +128,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from decomm.compression import Compressor, Payload
 from decomm.errors import DecommError
-from decomm.optim import D2, DSGD, DecentralizedOptimizer, GradientTracking, Mix, PushSum, QGDSGDm
-from decomm.optim.push_sum import PushWeights, _push_topology
+from decomm.optim import (
+    D2,
+    DSGD,
+    ChocoSGD,
+    DecentralizedOptimizer,
+    ExactDiffusion,
+    GradientTracking,
+    Mix,
+    PushDIGing,
+    PushSum,
+    QGDSGDm,
+)
+from decomm.optim._flat import Bucket
+from decomm.optim.push_sum import PushWeights, _check_overlap, _push_topology
 from decomm.sim import SimNodeCommunicator, as_topology
 from decomm.topology import Topology
 
@@ -117,9 +155,10 @@ __all__ = [
 ]
 
 #: the wrapper classes whose phases the vectorized simulator runs on stacked buffers
-#: (their algebra is elementwise over nodes); PushSum runs as described in the module
+#: (their algebra is elementwise over nodes); PushSum, PushDIGing and ChocoSGD's
+#: compression run as described in the module docstring
 SUPPORTED_WRAPPERS: tuple[type[DecentralizedOptimizer], ...] = (
-    DSGD, GradientTracking, D2, QGDSGDm, PushSum)
+    DSGD, GradientTracking, D2, QGDSGDm, ExactDiffusion, PushSum, PushDIGing, ChocoSGD)
 
 #: torch optimizers whose step is elementwise with hyper-parameters shared by all
 #: entries, so one optimizer over stacked ``(n, *s)`` parameters is n independent ones
@@ -141,6 +180,138 @@ class _PushSumAdapt(DSGD):
     """
 
     _check_column_sums = False
+
+
+class _PushDIGingAdapt(GradientTracking):
+    """GradientTracking's phases (tracker update, inner step fed the tracker), mixed with
+    Push-DIGing's P(t): :class:`~decomm.optim.PushDIGing` with its scalar weight ``v``
+    kept by the simulator (``u = v x`` before, ``x = u / v`` after the step).
+
+    P is column-stochastic by construction, its rows need not be: GradientTracking's
+    doubly-stochastic warning does not apply (PushDIGing turns it off too).
+    """
+
+    _check_column_sums = False
+
+
+class _NodePayloads(Payload):
+    """The n nodes' payloads of one stacked ChocoSGD message (bucket ``bucket``)."""
+
+    __slots__ = ("bucket", "nodes")
+
+    def __init__(self, nodes: list[Payload], bucket: int) -> None:
+        parts = {f"{i}.{name}": t for i, p in enumerate(nodes) for name, t in p.parts.items()}
+        super().__init__(parts, sum(p.numel for p in nodes), nodes[0].dtype)
+        self.nodes = nodes
+        self.bucket = bucket
+
+
+class _PerNodeCompressor(Compressor):
+    """ChocoSGD's compressor applied to each node's part of a stacked message.
+
+    In a bucket of the stacked parameters node ``i``'s message is row ``i`` of the
+    ``(n, d_k)`` blocks of its parameters; node ``i``'s own bucket (what its wrapper
+    compresses under MPI or in :mod:`decomm.sim`) is those rows concatenated.
+    :meth:`compress` gathers every node's vector and compresses it with ``base``,
+    drawing from the stream ``(rank i, bucket k)`` that rank ``i``'s ChocoSGD draws
+    from (:meth:`Compressor.make_generator`); :meth:`decompress_add_` scatters the n
+    dense ``Q(·)`` back into the blocks.  A Python loop of n compressions per step:
+    ``TopK``'s selection and the random draws are per node, so they do not batch.
+    """
+
+    def __init__(self, base: Compressor, n: int) -> None:
+        self.base = base
+        self.n = n
+        self.seed = base.seed
+        self._owner: DecentralizedOptimizer | None = None
+        self._gens: dict[int, list[torch.Generator | None]] = {}
+
+    def bind(self, owner: DecentralizedOptimizer) -> None:
+        """The stacked ChocoSGD whose messages (``owner._m``) this compresses."""
+        self._owner = owner
+
+    def _bucket(self, k: int) -> Bucket:
+        assert self._owner is not None, "bind() the stacked ChocoSGD first"
+        return self._owner._buckets[k]
+
+    def make_generator(self, *stream: int, device: torch.device | str = "cpu"
+                       ) -> torch.Generator | None:
+        """ChocoSGD's ``_setup`` asks for the stream ``(rank, k)`` of its bucket ``k``;
+        the stacked wrapper is every rank: the n streams ``(i, k)`` are made here and
+        the wrapper gets ``None`` (:meth:`compress` draws from the node's own)."""
+        if len(stream) != 2:
+            raise ValueError(f"expected the stream (rank, bucket), got {stream!r}")
+        k = int(stream[1])
+        self._gens[k] = [self.base.make_generator(i, k, device=device) for i in range(self.n)]
+        return None
+
+    def layout(self, numel: int, dtype: torch.dtype) -> list[tuple[str, torch.dtype, int]]:
+        """The n nodes' payload layouts of ``numel / n`` elements each, end to end."""
+        d = numel // self.n
+        return [(f"{i}.{name}", dt, c) for i in range(self.n)
+                for name, dt, c in self.base.layout(d, dtype)]
+
+    def _node_rows(self, flat: Tensor, bucket: Bucket) -> Tensor:
+        """``(n, d)``: row ``i`` is node ``i``'s flat bucket (a copy)."""
+        return torch.cat([flat[o:o + p.numel()].view(self.n, -1)
+                          for o, p in zip(bucket.offsets, bucket.params)], dim=1)
+
+    def compress(self, tensor: Tensor, *, generator: torch.Generator | None = None) -> Payload:
+        """Every node's row of the stacked message ``tensor``, compressed by ``base``."""
+        owner = self._owner
+        k = next((k for k, m in enumerate(getattr(owner, "_m", ())) if m is tensor), None)
+        if k is None:
+            raise DecommError("the per-node compressor of VectorizedSimulation compresses "
+                              "the stacked ChocoSGD's messages only")
+        rows = self._node_rows(tensor.detach(), self._bucket(k))
+        gens = self._gens[k]
+        return _NodePayloads([self.base.compress(rows[i], generator=gens[i])
+                              for i in range(self.n)], k)
+
+    def decompress_add_(self, out: Tensor, payload: Payload, alpha: float = 1.0) -> Tensor:
+        """``out += alpha · Q(x_i)`` in every node's rows of the stacked ``out``."""
+        if not isinstance(payload, _NodePayloads):
+            raise TypeError("expected the payloads of a stacked ChocoSGD message")
+        bucket = self._bucket(payload.bucket)
+        rows = torch.zeros(self.n, bucket.numel // self.n, dtype=out.dtype, device=out.device)
+        for row, p in zip(rows, payload.nodes):
+            self.base.decompress_add_(row, p, alpha=alpha)
+        col = 0
+        for o, p in zip(bucket.offsets, bucket.params):
+            d = p.numel() // self.n
+            out[o:o + p.numel()].view(self.n, -1).add_(rows[:, col:col + d])
+            col += d
+        return out
+
+    def decompress(self, payload: Payload, shape: Sequence[int] | torch.Size | None = None
+                   ) -> Tensor:
+        """The dense stacked ``Q(·)`` of all nodes (the bucket's layout), shaped ``shape``."""
+        if not isinstance(payload, _NodePayloads):
+            raise TypeError("expected the payloads of a stacked ChocoSGD message")
+        out = torch.zeros(payload.numel, dtype=payload.dtype,
+                          device=self._bucket(payload.bucket).device)
+        self.decompress_add_(out, payload)
+        return out if shape is None else out.view(torch.Size(shape))
+
+    def _compress(self, flat: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        return self.base._compress(flat, generator)  # one node's vector, as base does
+
+    def _decompress(self, payload: Payload) -> Tensor:
+        return self.base._decompress(payload)
+
+    def generator_states(self) -> list[list[Tensor | None]]:
+        """The n nodes' generator states per bucket (for a checkpoint)."""
+        return [[None if g is None else g.get_state() for g in self._gens[k]]
+                for k in sorted(self._gens)]
+
+    def load_generator_states(self, states: list[list[Tensor | None]]) -> None:
+        for k, row in zip(sorted(self._gens), states):
+            for g, st in zip(self._gens[k], row):
+                if g is not None and st is not None:
+                    g.set_state(st)
+
+    def __repr__(self) -> str:
+        return f"{self.base!r} per node"
 
 
 class _NodeModel:
@@ -168,8 +339,8 @@ class VectorizedSimulation:
 
     Args:
         topology: a :class:`decomm.topology.Topology`, an n×n matrix or a list of
-            them (a cycle); ``n = topology.n``.  PushSum uses only its graph, like
-            :class:`~decomm.optim.PushSum` (or ``weights=``).
+            them (a cycle); ``n = topology.n``.  PushSum and PushDIGing use only its
+            graph, like the wrappers (or their ``weights=``).
         make_model: ``() -> nn.Module``, the model of one node; called once (all
             nodes start from its parameters) or n times with ``identical_init=False``
             (in the same order as :class:`decomm.sim.Simulation`, so seeded calls
@@ -186,13 +357,16 @@ class VectorizedSimulation:
             (``"error"``, ``"different"``, ``"same"``).
         **wrapper_kwargs: passed to the wrapper (``combine_first``,
             ``communicate_every``, ``global_every``, ``momentum``, PushSum's
-            ``weights``, ...).
+            ``weights`` and ``overlap``, ChocoSGD's ``compression`` and
+            ``consensus_step``, ...).
 
     Attributes: ``model`` (the functional template, node 0's module structure:
     call ``.train()`` / ``.eval()`` on it), ``stacked_model`` (the module whose
     parameters are the stacked tensors), ``optimizer`` (the wrapper: give it to
-    LR schedulers), ``topology``, ``n``, ``round``, ``push_weights`` (PushSum
-    only: the ``(n,)`` float64 push-sum weights).
+    LR schedulers; for PushSum / PushDIGing it is the base algorithm's, see the
+    module docstring), ``topology``, ``n``, ``round``, ``push_weights``
+    (PushSum and PushDIGing only: the ``(n,)`` float64 push-sum weights),
+    ``in_flight`` (overlapped PushSum: exchanges not yet applied).
     """
 
     def __init__(
@@ -209,6 +383,12 @@ class VectorizedSimulation:
         if wrapper_cls not in SUPPORTED_WRAPPERS:
             names = ", ".join(c.__name__ for c in SUPPORTED_WRAPPERS)
             what = getattr(wrapper_cls, "__name__", repr(wrapper_cls))
+            reason = getattr(wrapper_cls, "_simulation_unsupported", None)
+            if reason:  # neither simulator can (AsyncGossip: no common round)
+                raise TypeError(
+                    f"VectorizedSimulation cannot run {what}: {reason}. Neither simulator "
+                    f"runs it (it supports {names}); run {what} under MPI (decomm-run / "
+                    f"mpirun)")
             raise TypeError(
                 f"VectorizedSimulation cannot run {what}: it runs a wrapper's algebra "
                 f"once over all nodes' stacked buffers, which is exact only for "
@@ -284,35 +464,58 @@ class VectorizedSimulation:
                         f"make_optimizer: param_groups[{gi}] holds a tensor of shape "
                         f"{tuple(p.shape)} that is not a parameter of the model it was "
                         f"given; build the optimizer from that model's parameters")
-        self._push = wrapper_cls is PushSum
+        self._wrapper_name = wrapper_cls.__name__
         kwargs = dict(wrapper_kwargs)
         self._push_source: Topology | None = None
         self._pw: PushWeights | None = None
-        if self._push:
+        self._tau = 0  # overlapped PushSum: rounds a message stays in flight
+        self._compressor: _PerNodeCompressor | None = None
+        if wrapper_cls in (PushSum, PushDIGing):
             allowed = {"weights", "communicate_every", "global_every"}
+            if wrapper_cls is PushSum:
+                allowed.add("overlap")
             extra = sorted(set(kwargs) - allowed)
             if extra:
                 raise TypeError(
-                    f"VectorizedSimulation runs PushSum with {sorted(allowed)} only, got "
-                    f"{extra} (overlap=: its delayed messages are per node; use "
-                    f"decomm.sim.Simulation)")
+                    f"VectorizedSimulation runs {self._wrapper_name} with {sorted(allowed)} "
+                    f"only, got {extra}")
+            self._tau = _check_overlap(kwargs.pop("overlap", False))  # PushSum's rule
             weights = kwargs.pop("weights", None)
             if weights is not None:
-                # PushSum's own validation; its round t is P(t)ᵀ
-                self._push_source = _push_topology(weights, self.n)
-            # PushSum's own rule for P(t): one definition for MPI, sim and vsim
+                # the wrapper's own validation; its round t is P(t)ᵀ
+                self._push_source = _push_topology(weights, self.n, self._wrapper_name)
+            # the wrappers' own rule for P(t): one definition for MPI, sim and vsim
             self._pw = PushWeights(lambda: self.topology, self._push_source)
-            wrapper_cls = _PushSumAdapt
+            wrapper_cls = _PushSumAdapt if wrapper_cls is PushSum else _PushDIGingAdapt
+        elif wrapper_cls is ChocoSGD and isinstance(kwargs.get("compression"), Compressor):
+            # anything else reaches ChocoSGD's own TypeError
+            self._compressor = kwargs["compression"] = _PerNodeCompressor(
+                kwargs["compression"], self.n)
         self.optimizer: DecentralizedOptimizer = wrapper_cls(
             inner, communicator=SimNodeCommunicator(self, 0),  # type: ignore[arg-type]
             broadcast_parameters=False, check_parameters=False, **kwargs)
+        if self._compressor is not None:
+            self._compressor.bind(self.optimizer)
         for k, (buf, b) in enumerate(zip(self.optimizer._mix_buffers(), self.optimizer._buckets)):
             if buf.numel() % b.numel:  # pragma: no cover - every supported wrapper's is
                 raise DecommError(f"mix buffer {k} of {buf.numel()} elements is not made "
                                   f"of whole segments of its bucket ({b.numel})")
         device = next(iter(self._stacked.values())).device
         self.push_weights: Tensor | None = (
-            torch.ones(self.n, dtype=torch.float64, device=device) if self._push else None)
+            torch.ones(self.n, dtype=torch.float64, device=device)
+            if self._pw is not None else None)
+        # overlapped PushSum: tau + 1 message slots (numerators per bucket, weights in the
+        # first bucket's dtype) and the slots in flight, oldest first, as PushSum keeps them
+        self._slots: list[list[Tensor]] = []
+        self._slot_w: list[Tensor] = []
+        self._queue: list[int] = []
+        if self._tau:
+            buckets = self.optimizer._buckets
+            self._slots = [[torch.zeros_like(b.flat) for b in buckets]
+                           for _ in range(self._tau + 1)]
+            self._slot_w = [torch.zeros(self.n, dtype=buckets[0].dtype, device=device)
+                            for _ in range(self._tau + 1)]
+        self._keep_cache: dict[int, Tensor] = {}
 
     def _stacked_copy(self, template: nn.Module) -> nn.Module:
         """A copy of ``template`` whose parameters are the stacked tensors (tied kept tied)."""
@@ -329,27 +532,51 @@ class VectorizedSimulation:
     # ----------------------------------------------------------------- mixing
     def _round_coo(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(rows, cols, values)`` of round ``t``'s matrix in the receiver convention."""
-        if self._pw is not None:  # PushSum's own P(t) (uniform split or its weights=)
+        if self._pw is not None:  # the wrapper's own P(t) (uniform split or its weights=)
             m = self._pw.matrix(t)
             if hasattr(m, "tocoo"):  # scipy.sparse
                 c = m.tocoo()
-                return np.asarray(c.row), np.asarray(c.col), np.asarray(c.data)
-            dense = np.asarray(m, dtype=np.float64)  # a dense array without SciPy
-            rows, cols = np.nonzero(dense)
-            return rows, cols, dense[rows, cols]
+                rows, cols, vals = np.asarray(c.row), np.asarray(c.col), np.asarray(c.data)
+            else:
+                dense = np.asarray(m, dtype=np.float64)  # a dense array without SciPy
+                rows, cols = np.nonzero(dense)
+                vals = dense[rows, cols]
+            if self._tau:  # overlapped PushSum: the self share is kept at once, not sent
+                sent = rows != cols
+                rows, cols, vals = rows[sent], cols[sent], vals[sent]
+            return rows, cols, vals
         r = self.topology.sparse(t)
         return r.row_ids, r.indices, r.data
 
+    def _round_index(self, t: int) -> tuple[int, int | None]:
+        """``(cache key of round t, rounds of the cycle or None for a random family)``."""
+        rounds = self.topology.rounds if self._push_source is None else self._push_source.rounds
+        return (t % rounds if rounds else t), rounds
+
+    def _keep_shares(self, t: int, device: torch.device) -> Tensor:
+        """``P(t)[i, i]`` of every node (float64): what overlapped PushSum keeps at once,
+        by :meth:`PushWeights.of`, the rule each rank's wrapper uses (cached per round)."""
+        assert self._pw is not None
+        idx, rounds = self._round_index(t)
+        hit = self._keep_cache.get(idx)
+        if hit is None or hit.device != device:
+            hit = torch.tensor([self._pw.of(i, t)[0] for i in range(self.n)],
+                               dtype=torch.float64, device=device)
+            if not rounds and len(self._keep_cache) > 8:  # random family: a few rounds
+                self._keep_cache.clear()
+            self._keep_cache[idx] = hit
+        return hit
+
     def mixing_matrix(self, t: int, dtype: torch.dtype = torch.float64,
                       device: torch.device | str = "cpu") -> Tensor:
-        """Round ``t``'s mixing matrix ``W(t)`` (PushSum: ``P(t)``), receiver convention.
+        """Round ``t``'s mixing matrix ``W(t)`` (PushSum, PushDIGing: ``P(t)``; overlapped
+        PushSum: ``P(t) − diag P(t)``, the part that travels), receiver convention.
 
         Dense ``(n, n)`` for n ≤ :data:`DENSE_MAX_NODES`, else sparse COO; cached
         per cycle index, dtype and device (a few rounds for random families).
         """
         device = torch.device(device)
-        rounds = self.topology.rounds if self._push_source is None else self._push_source.rounds
-        idx = t % rounds if rounds else t
+        idx, rounds = self._round_index(t)
         key = (idx, dtype, device)
         w = self._w_cache.get(key)
         if w is not None:
@@ -409,23 +636,76 @@ class VectorizedSimulation:
         dtype = self.optimizer._buckets[0].dtype
         w = self.push_weights.to(dtype).unsqueeze(1)
         self._mix_blocks([w], mix)
-        new = w.squeeze(1).double()
-        bad = torch.nonzero(~(new > 0.0)).flatten().tolist()
-        if bad:
-            raise DecommError(
-                f"PushSum: push-sum weight became non-positive on node(s) {bad[:8]} "
-                f"(a node with no incoming mass: is the graph strongly connected?)")
-        self.push_weights.copy_(new)
+        self.push_weights.copy_(w.squeeze(1).double())
+
+    def _scale_rows(self, factors: Tensor, divide: bool = False) -> None:
+        """Node ``i``'s parameters times (or divided by) ``factors[i]``, in place."""
+        for p in self._stacked.values():
+            f = factors.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
+            if divide:
+                p.data.div_(f)
+            else:
+                p.data.mul_(f)
 
     def _scale_by_push_weights(self, divide: bool) -> None:
         """``x = w z`` (``divide=False``) or ``z = x / w`` on every node's parameters."""
         assert self.push_weights is not None
-        for p in self._stacked.values():
-            w = self.push_weights.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
-            if divide:
-                p.data.div_(w)
-            else:
-                p.data.mul_(w)
+        if divide:
+            bad = torch.nonzero(~(self.push_weights > 0.0)).flatten().tolist()
+            if bad:
+                raise DecommError(
+                    f"{self._wrapper_name}: push-sum weight became non-positive on node(s) "
+                    f"{bad[:8]} (a node with no incoming mass: is the graph strongly "
+                    f"connected?)")
+        self._scale_rows(self.push_weights, divide)
+
+    def _start_delayed_exchange(self) -> None:
+        """Overlapped PushSum's gossip step ``c`` (Assran et al. 2019, Alg. 2), as
+        :class:`~decomm.optim.PushSum` runs it on each rank: the message
+        ``[x^{c+1/2}, w^c]`` goes into a free slot, every node keeps ``P(c)[i, i]`` of
+        its mass at once, the slot is mixed with ``P(c) − diag P(c)`` and waits in the
+        queue; the exchange started ``τ`` steps ago is applied."""
+        assert self.push_weights is not None
+        busy = set(self._queue)
+        slot = next(s for s in range(self._tau + 1) if s not in busy)
+        buckets = self.optimizer._buckets
+        msg, msg_w = self._slots[slot], self._slot_w[slot]
+        for b, m in zip(buckets, msg):
+            m.copy_(b.flat)
+        msg_w.copy_(self.push_weights)
+        keep = self._keep_shares(self.round, self.push_weights.device)
+        self._scale_rows(keep)  # P[i, i] x^{c+1/2}, kept
+        self.push_weights.mul_(keep)
+        for b, m in zip(buckets, msg):
+            self._mix_blocks(self._blocks(m, b), Mix.NEIGHBOR)  # (P(c) − diag) x^{c+1/2}
+        self._mix_blocks([msg_w.unsqueeze(1)], Mix.NEIGHBOR)
+        self._queue.append(slot)
+        self._drain(len(self._queue) - self._tau)
+
+    def _drain(self, count: int) -> None:
+        """Apply the ``count`` oldest exchanges in flight to the numerators and weights."""
+        assert self.push_weights is not None
+        for _ in range(max(count, 0)):
+            slot = self._queue.pop(0)
+            for b, m in zip(self.optimizer._buckets, self._slots[slot]):
+                b.flat.add_(m)
+            self.push_weights.add_(self._slot_w[slot].double())
+
+    @property
+    def in_flight(self) -> int:
+        """Overlapped PushSum: exchanges started and not yet applied (else 0)."""
+        return len(self._queue)
+
+    def flush(self) -> None:
+        """Overlapped PushSum: complete and apply every exchange in flight, as
+        :meth:`decomm.optim.PushSum.flush` does on every rank (call it before
+        evaluating the final model); a no-op otherwise."""
+        if not self._queue:
+            return
+        with torch.no_grad():
+            self._scale_by_push_weights(divide=False)
+            self._drain(len(self._queue))
+            self._scale_by_push_weights(divide=True)
 
     # ------------------------------------------------------------------- step
     def _grads(self, loss_fn: Callable[..., Tensor], batch: Sequence[Tensor]) -> Tensor:
@@ -503,17 +783,22 @@ class VectorizedSimulation:
 
     def _step_all(self) -> None:
         opt = self.optimizer
+        push = self._pw is not None
         with torch.no_grad():
             mix = opt._plan()
-            if self._push:
-                self._scale_by_push_weights(divide=False)  # x = w z
+            if push:
+                self._scale_by_push_weights(divide=False)  # x = w z (PushDIGing: u = v x)
             opt._run_local(mix)
-            if mix is not Mix.NONE:
+            if self._tau and mix is Mix.NEIGHBOR:
+                self._start_delayed_exchange()
+            elif mix is not Mix.NONE:
+                if self._tau:  # a global step's exact average includes all mass in flight
+                    self._drain(len(self._queue))
                 self._mix(mix)
-                if self._push:
+                if push:
                     self._mix_push_weights(mix)
             opt._run_finish(mix)
-            if self._push:
+            if push:
                 self._scale_by_push_weights(divide=True)  # z = x / w
         if mix is Mix.NEIGHBOR:
             self.round += 1
@@ -588,13 +873,20 @@ class VectorizedSimulation:
 
     # ------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Stacked parameters, the wrapper's state, round and push weights (copies)."""
+        """Stacked parameters, the wrapper's state, round, push weights, overlapped
+        PushSum's messages in flight and ChocoSGD's per-node generators (copies)."""
         return {
             "round": self.round,
             "n": self.n,
             "params": {k: p.detach().clone() for k, p in self._stacked.items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "push_weights": None if self.push_weights is None else self.push_weights.clone(),
+            "in_flight": None if not self._tau else {
+                "slots": [[m.clone() for m in slot] for slot in self._slots],
+                "weights": [w.clone() for w in self._slot_w],
+                "queue": list(self._queue)},
+            "compression_generators": (None if self._compressor is None
+                                       else self._compressor.generator_states()),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -608,12 +900,26 @@ class VectorizedSimulation:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.push_weights is not None:
             self.push_weights.copy_(state["push_weights"])
+        if self._tau:
+            held = state.get("in_flight")
+            if held is None or len(held["slots"]) != self._tau + 1:
+                raise ValueError(f"state holds no in-flight messages of PushSum with "
+                                 f"overlap={self._tau}")
+            with torch.no_grad():
+                for slot, saved in zip(self._slots, held["slots"]):
+                    for m, v in zip(slot, saved):
+                        m.copy_(v)
+                for w, v in zip(self._slot_w, held["weights"]):
+                    w.copy_(v)
+            self._queue = [int(s) for s in held["queue"]]
+        if self._compressor is not None and state.get("compression_generators") is not None:
+            self._compressor.load_generator_states(state["compression_generators"])
         self.round = int(state["round"])
 
     def __repr__(self) -> str:
-        cls = "PushSum" if self._push else type(self.optimizer).__name__
+        extra = f", overlap={self._tau}" if self._tau else ""
         return (f"VectorizedSimulation(n={self.n}, topology={self.topology.name}, "
-                f"wrapper={cls}, round={self.round})")
+                f"wrapper={self._wrapper_name}{extra}, round={self.round})")
 
 
 def _explain(err: RuntimeError) -> Exception:

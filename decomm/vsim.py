@@ -72,7 +72,8 @@ What is restated rather than run as the wrapper's own code, and why:
   from the stream ``(rank i, bucket k)`` that rank ``i`` draws from under MPI
   (:meth:`decomm.compression.Compressor.make_generator`).  Top-k selection and
   random draws do not batch over nodes, so this is a loop of n compressions per
-  step.  Static topologies only, as for ChocoSGD everywhere.
+  step.  Static topologies only, as for ChocoSGD everywhere;
+  ``optimizer.payload_bytes`` counts all n nodes' payloads.
 
 The trajectories equal the looped simulator's (and so an MPI run's) up to
 floating-point summation order; ``tests/unit/test_vsim.py`` checks this for

@@ -410,6 +410,9 @@ def test_overlapped_push_sum_matches_its_equations():
                          .toarray()) for m in mats]
     vs = VectorizedSimulation(Topology.from_matrices(mats), cnn, sgd(lr=0.0), PushSum,
                               identical_init=False, overlap=tau)
+    for t, P in enumerate(pushed):  # what travels: P(t) without its diagonal
+        off = torch.from_numpy(P - np.diag(np.diag(P)))
+        assert torch.equal(vs.mixing_matrix(t), off)
     x0 = vs.param_matrix().numpy()
     steps = 200  # the numpy recursion is within 3e-9 of the average after 160 steps
     want, final = numpy_overlap_push_sum(pushed, x0, tau, steps)
@@ -471,6 +474,32 @@ def test_choco_one_step_from_its_equations():
     want = x + gamma * (torch.from_numpy(topo.matrix(0)) @ q - q)
     vs.step()
     torch.testing.assert_close(vs.param_matrix(), want, rtol=0, atol=1e-14)
+
+
+def test_per_node_compressor_compresses_each_row():
+    """The stacked message's compressor: node i's bucket (its rows of the parameter
+    blocks) compressed alone, scattered back; payload bytes are the n nodes' total."""
+    n, top = 4, TopK(0.25)
+
+    def lin():
+        return nn.Linear(7, 3, dtype=torch.float64)  # 24 parameters per node
+
+    vs = VectorizedSimulation(RingGraph(n), lin, sgd(lr=0.0), ChocoSGD, identical_init=False,
+                              compression=top, consensus_step=0.5)
+    opt = vs.optimizer
+    x = vs.param_matrix()  # row i: node i's 24 parameters
+    want = torch.stack([top(x[i]) for i in range(n)])  # each node compressed alone
+    comp, msg = opt.compression, opt._m[0]
+    msg.copy_(opt._buckets[0].flat)
+    dense = comp.decompress(comp.compress(msg))
+    opt._buckets[0].flat.copy_(dense)  # in the parameters' layout: read back per node
+    got = vs.param_matrix()
+    assert torch.equal(got, want) and int((got != 0).sum()) == n * 6
+    assert not torch.equal(got, top(x.reshape(-1)).view(n, -1))  # not one top-k of all
+    assert opt.payload_bytes == n * top.payload_bytes(24, torch.float64)
+    assert "TopK(ratio=0.25) per node" in repr(opt)
+    with pytest.raises(DecommError, match="compresses the stacked ChocoSGD's messages only"):
+        comp.compress(torch.zeros(96, dtype=torch.float64))
 
 
 def test_choco_identity_is_dsgd():

@@ -54,6 +54,7 @@ __all__ = [
     "neighbor_allreduce_",
     "neighbor_allreduce_nonblocking",
     "neighbor_allreduce_nonblocking_",
+    "neighbor_mix_delta",
     "poll",
     "synchronize",
 ]
@@ -309,6 +310,55 @@ def neighbor_allreduce_nonblocking_(tensor: Any, *, self_weight: float | None = 
                                     name: str | None = None) -> Handle:
     """In-place non-blocking :func:`neighbor_allreduce`; ``wait()`` returns ``tensor``."""
     return _neighbor_allreduce(tensor, self_weight, src_weights, dst_weights, name, True, True)
+
+
+@timeline.traced("neighbor_mix_delta")
+def neighbor_mix_delta(tensor: torch.Tensor, out: torch.Tensor, *, name: str | None = None,
+                       nonblocking: bool = False) -> Any:
+    r"""``out ← (W(t) x)_i − x_i``, the change one round of gossip would make, in one pass.
+
+    The weighted sum of :func:`neighbor_allreduce` with self weight ``W[i, i] − 1``:
+    ``out = (W[i, i] − 1) x_i + Σ_j W[i, j] x_j``, written straight into ``out`` while
+    ``tensor`` is left as it is.  Adapt-with-combine
+    (``x^{t+1} = W x^t − u^t``, :class:`decomm.optim.DSGD` with ``combine_first=True``)
+    needs exactly this: the parameters are sent as they are (no copy into a send
+    buffer) and, once the local step has made them ``x^t − u^t``, one ``x += out``
+    finishes the step.
+
+    Args:
+        tensor: a contiguous float CPU/CUDA tensor, the message (not written).
+        out: a tensor of the same shape, dtype and device, contiguous, not
+            overlapping ``tensor``.
+        name: as for :func:`neighbor_allreduce`.
+        nonblocking: return a :class:`Handle` at once (``wait()`` returns ``out``);
+            do not modify ``tensor`` or read ``out`` before then.
+    """
+    name = _name(name, "neighbor_mix_delta")
+    state = _state.require()
+    if not isinstance(tensor, torch.Tensor) or not isinstance(out, torch.Tensor):
+        raise TypeError(f"neighbor_mix_delta '{name}' on rank {state.rank}: tensor and out "
+                        f"must be torch tensors, got {type(tensor).__name__} and "
+                        f"{type(out).__name__}")
+    _check_float(tensor, "neighbor_mix_delta", name)
+    if (out.shape != tensor.shape or out.dtype != tensor.dtype or out.device != tensor.device
+            or not tensor.is_contiguous() or not out.is_contiguous()):
+        raise ValueError(
+            f"neighbor_mix_delta '{name}' on rank {state.rank}: tensor and out must be "
+            f"contiguous with the same shape, dtype and device, got {tuple(tensor.shape)} "
+            f"{tensor.dtype} {tensor.device} and {tuple(out.shape)} {out.dtype} {out.device}")
+    if tensor.numel() and (out.data_ptr() < tensor.data_ptr() + tensor.nbytes
+                           and tensor.data_ptr() < out.data_ptr() + out.nbytes):
+        raise ValueError(f"neighbor_mix_delta '{name}' on rank {state.rank}: out overlaps "
+                         f"tensor; the message must stay intact while it is sent")
+    sw, src, src_w, dst, dst_w, rnd = _resolve(None, None, None, name)
+    nonfinite = _nonfinite_report(tensor, "neighbor_mix_delta", name, state, rnd)
+    be = cuda_ops.backend_for(state, tensor, "neighbor_allreduce")
+    h = be.neighbor_allreduce(tensor, out, sw - 1.0, src, src_w, dst, dst_w, name, rnd,
+                              state.topo_hash, nonblocking)
+    finish = _finisher(out, out, lambda r: r, False, nonfinite)
+    if nonblocking:
+        return Handle(h, finish, (tensor, out))
+    return finish(out)
 
 
 # ------------------------------------------------------------------ allreduce

@@ -744,6 +744,18 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """The flat tensors the mix replaces by ``W(t) @ .`` (one per bucket)."""
         return [b.buffer for b in self._buckets]
 
+    def _exchange_with_neighbors(self, nonblocking: bool) -> list[PendingExchange]:
+        """One gossip round: every mix buffer replaced by ``W(t) @ .`` (in place).
+
+        Returns the handles when ``nonblocking`` (the exchange is then in flight)."""
+        bufs = self._mix_buffers()
+        if nonblocking:
+            return [self._comm.neighbor_allreduce_nonblocking_(buf, name=self._buffer_name(k))
+                    for k, buf in enumerate(bufs)]
+        for k, buf in enumerate(bufs):
+            self._comm.neighbor_allreduce_(buf, name=self._buffer_name(k))
+        return []
+
     def _buffer_name(self, k: int) -> str:
         return f"decomm.optim.{type(self).__name__}.{k}"
 
@@ -809,8 +821,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         if not prefetched:
             self._run_local(mix)
             if mix is Mix.NEIGHBOR:
-                for k, buf in enumerate(self._mix_buffers()):
-                    self._comm.neighbor_allreduce_(buf, name=self._buffer_name(k))
+                self._exchange_with_neighbors(nonblocking=False)
             elif mix is Mix.GLOBAL:
                 for k, buf in enumerate(self._mix_buffers()):
                     self._comm.allreduce_(buf, average=True, name=self._buffer_name(k))
@@ -942,10 +953,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             self._run_local(mix)
             try:
-                self._inflight = [
-                    self._comm.neighbor_allreduce_nonblocking_(buf, name=self._buffer_name(k))
-                    for k, buf in enumerate(self._mix_buffers())
-                ]
+                self._inflight = self._exchange_with_neighbors(nonblocking=True)
             except PeerFailureError as err:  # raised in a backward hook: step() handles it
                 self._inflight = []
                 self._deferred_failure = err

@@ -122,6 +122,20 @@ class MPICommunicator:
     ) -> PendingExchange:
         return ops.neighbor_allreduce_nonblocking_(tensor, name=name)
 
+    @property
+    def supports_mix_delta(self) -> bool:
+        """Whether :meth:`neighbor_mix_delta` mixes as :meth:`neighbor_allreduce_` does: not
+        for a subclass that mixes with other weights (unless it says so itself)."""
+        return type(self).neighbor_allreduce_ is MPICommunicator.neighbor_allreduce_
+
+    def neighbor_mix_delta(self, tensor: Tensor, out: Tensor, name: str | None = None,
+                           nonblocking: bool = False) -> Any:
+        """``out ← W(t) x − x`` without writing ``x`` (:func:`decomm.ops.neighbor_mix_delta`).
+
+        Optional in the protocol (``supports_mix_delta``): a wrapper uses it where the
+        communicator offers it and otherwise mixes a copy in place (the simulators)."""
+        return ops.neighbor_mix_delta(tensor, out, name=name, nonblocking=nonblocking)
+
     def allreduce_(self, tensor: Tensor, average: bool = True, name: str | None = None) -> Tensor:
         return ops.allreduce_(tensor, average=average, name=name)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ._base import DecentralizedOptimizer, Mix
-from .comm import Communicator
+from .comm import Communicator, PendingExchange
 
 __all__ = ["DSGD"]
 
@@ -45,8 +45,16 @@ class DSGD(DecentralizedOptimizer):
 
     Cost per communicating step: ATC mixes the parameters in place (they live
     in one flat buffer per dtype), so beyond the inner step it costs exactly one
-    ``neighbor_allreduce_`` per dtype; AWC adds one copy into a scratch buffer
-    and two fused passes (``s = Wx − x``, ``x ← x − u + s``).
+    ``neighbor_allreduce_`` per dtype.  AWC sends the parameters as they are and
+    receives the change ``s = W x^t − x^t`` into a scratch buffer in the same
+    weighted-sum pass (:func:`decomm.ops.neighbor_mix_delta`); the inner step
+    then makes ``x = x^t − u^t`` and one more pass ``x ← x + s`` finishes.  So
+    AWC costs ATC plus that one pass and the scratch buffer, and what the
+    overlap hides comes on top of that: with a spare core (the progress thread,
+    ``DECOMM_PROGRESS_THREAD=1``) the exchange runs during the backward pass;
+    without one it completes in :meth:`step`, as ATC's does.  Communicators
+    without ``supports_mix_delta`` (the simulators) mix a copy of ``x^t`` in place
+    instead: same algebra, two more passes.
 
     ``W(t)`` should be doubly stochastic: if some column does not sum to 1 the
     ranks reach a weighted, biased consensus, and the constructor (and the first
@@ -90,16 +98,29 @@ class DSGD(DecentralizedOptimizer):
 
     def _setup(self) -> None:
         self._scratch = [b.new_state(None) for b in self._buckets] if self.combine_first else []
+        # s = W x - x straight from the weighted sum: no send copy, one pass fewer
+        self._delta = self.combine_first and bool(getattr(self._comm, "supports_mix_delta", False))
 
     def _mix_buffers(self) -> list[Tensor]:
         if self.combine_first:
             return self._scratch
         return [b.buffer for b in self._buckets]
 
+    def _exchange_with_neighbors(self, nonblocking: bool) -> list[PendingExchange]:
+        if not self._delta:
+            return super()._exchange_with_neighbors(nonblocking)
+        started = []
+        for k, (s, b) in enumerate(zip(self._scratch, self._buckets)):
+            h = self._comm.neighbor_mix_delta(b.flat, s, name=self._buffer_name(k),
+                                              nonblocking=nonblocking)
+            if nonblocking:
+                started.append(h)
+        return started
+
     def _local_phase(self, mix: Mix) -> None:
         if not self.combine_first:
             self._inner_step()  # x ← x − u; the parameters are the message
-        elif mix is not Mix.NONE:
+        elif mix is not Mix.NONE and not (self._delta and mix is Mix.NEIGHBOR):
             for s, b in zip(self._scratch, self._buckets):
                 s.copy_(b.flat)  # message: x^t
 
@@ -109,8 +130,9 @@ class DSGD(DecentralizedOptimizer):
         if mix is Mix.NONE:
             self._inner_step()
             return
-        for s, b in zip(self._scratch, self._buckets):
-            s.sub_(b.flat)  # s = W x − x
+        if not (self._delta and mix is Mix.NEIGHBOR):
+            for s, b in zip(self._scratch, self._buckets):
+                s.sub_(b.flat)  # s = W x − x
         self._inner_step()  # x ← x − u
         for s, b in zip(self._scratch, self._buckets):
             b.flat.add_(s)  # x ← W x − u

@@ -98,6 +98,52 @@ def test_non_contiguous_input_and_in_place():
     assert_close(base.t(), want, torch.float64)  # written through the view
 
 
+@pytest.mark.parametrize("kind", ["ring", "one-peer-exp", "random-directed"])
+@pytest.mark.parametrize("nonblocking", [False, True])
+def test_neighbor_mix_delta_is_w_x_minus_x(kind, nonblocking):
+    """out = (W(t) x)_i - x_i from the topology's dense matrix, x untouched, every round."""
+    from decomm.ops import neighbor_mix_delta
+
+    n, r = decomm.size(), decomm.rank()
+    topo = dict(topologies(n))[kind]
+    decomm.set_topology(topo)
+    for t in range(max(topo.rounds or 1, 1)):
+        x = rank_value(r, (3, 5))
+        before = x.clone()
+        out = torch.full_like(x, float("nan"))  # every entry must be written
+        got = neighbor_mix_delta(x, out, name=f"delta.{kind}.{t}", nonblocking=nonblocking)
+        if nonblocking:
+            got = got.wait()
+        assert got is out
+        assert torch.equal(x, before)
+        assert_close(out, expected_mix(topo.matrix(t), r, (3, 5)) - before.numpy(),
+                     torch.float64)
+        decomm.advance_round()
+
+
+def test_neighbor_mix_delta_rejects_bad_out():
+    from decomm.ops import neighbor_mix_delta
+
+    decomm.set_topology(T.RingGraph(decomm.size()))
+    x = torch.ones(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'bad-shape' on rank \d+: .*\(6,\).*\(5,\)"):
+        neighbor_mix_delta(x, torch.empty(5, dtype=torch.float64), name="bad-shape")
+    with pytest.raises(ValueError, match="same shape, dtype"):
+        neighbor_mix_delta(x, torch.empty(6, dtype=torch.float32), name="bad-dtype")
+    with pytest.raises(ValueError, match="overlaps"):
+        neighbor_mix_delta(x, x, name="alias")
+    big = torch.ones(12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="overlaps"):
+        neighbor_mix_delta(big[:6], big[3:9], name="overlap")
+    with pytest.raises(ValueError, match="contiguous"):
+        neighbor_mix_delta(big[::2], torch.empty(6, dtype=torch.float64), name="strided")
+    with pytest.raises(TypeError, match="torch tensors"):
+        neighbor_mix_delta(np.ones(6), torch.empty(6, dtype=torch.float64), name="numpy")
+    with pytest.raises(TypeError, match="int64 is not supported"):
+        neighbor_mix_delta(torch.ones(6, dtype=torch.int64), torch.empty(6, dtype=torch.int64),
+                           name="int")
+
+
 def test_in_place_contiguous_returns_same_tensor():
     r = decomm.rank()
     topo = T.RingGraph(decomm.size())

@@ -221,12 +221,17 @@ def test_resume_is_bitwise_exact(case):
     assert torch.equal(flat(model2), straight)
 
 
-def test_awc_overlap_matches_simulation():
+@pytest.mark.parametrize("overlap", [True, False])
+def test_awc_overlap_matches_simulation(overlap):
+    """MPI's AWC receives s = W x - x from the weighted sum (neighbor_mix_delta); the
+    simulator mixes a copy of x in place: the same algebra, to round-off."""
     n, r = decomm.size(), decomm.rank()
     topo = OnePeerExponentialGraph(n)
     decomm.set_topology(topo)
     model = linear()
-    opt = DSGD(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), combine_first=True)
+    opt = DSGD(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), combine_first=True,
+               overlap=overlap)
+    assert opt._delta  # the MPI communicator offers the delta
     sim = Simulation(
         topo,
         lambda: nn.Linear(D, 1, bias=False, dtype=torch.float64),
@@ -240,7 +245,7 @@ def test_awc_overlap_matches_simulation():
     for _ in range(10):
         opt.zero_grad()
         ls_loss(r, model).backward()
-        assert opt._inflight is not None  # started by the backward hook
+        assert (opt._inflight is not None) == overlap  # started by the backward hook
         opt.step()
         sim.step(ls_loss)
     opt.close()
@@ -356,3 +361,13 @@ def test_message_size_limit_names_the_rank(monkeypatch):
     with pytest.raises(decomm.DecommError, match=rf"PushSum on rank {r}: the 1 torch\.float64 "
                                                  r"parameters on cpu form one flat message of 48"):
         PushSum(torch.optim.SGD(linear().parameters(), lr=0.1))
+
+
+def test_mix_delta_only_where_the_communicator_mixes_with_the_topology():
+    """A communicator subclass that mixes with other weights (BlueFog's knobs) must not
+    inherit the topology-weighted delta: AWC then mixes a copy with its own weights."""
+    from decomm.compat.bluefog.optimizers import _KnobCommunicator
+    from decomm.optim.comm import MPICommunicator
+
+    assert MPICommunicator().supports_mix_delta
+    assert not _KnobCommunicator(owner=None).supports_mix_delta

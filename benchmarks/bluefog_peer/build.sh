@@ -69,9 +69,9 @@ SITE=$("$VENV/bin/python" -c "import site; print(site.getsitepackages()[0])")
 echo "$REPO" > "$SITE/decomm_tree.pth"
 say "checking that both libraries import in the venv"
 "$VENV/bin/python" -c "
-import torch, decomm, bluefog.torch as bf
-print('[bluefog-peer] torch', torch.__version__, '| decomm', decomm.__version__,
-      'from', decomm.__file__, '| bluefog', bf.__version__ if hasattr(bf, '__version__') else '0.3.0')"
-say "done. Run the benchmark with:"
-echo "  OMP_NUM_THREADS=1 $VENV/bin/mpirun -np 4 -x BLUEFOG_CYCLE_TIME=0.05 \\"
-echo "      $VENV/bin/python $REPO/benchmarks/bluefog.py --np-label 4"
+import importlib.metadata as md
+import torch, decomm, bluefog.torch
+print('[bluefog-peer] torch', torch.__version__, '| bluefog', md.version('bluefog'),
+      '| decomm', decomm.__version__, 'from', decomm.__file__)"
+say "done. Run the benchmark (it launches itself under mpirun for 2 and 4 ranks) with:"
+echo "  $VENV/bin/python $REPO/benchmarks/bluefog.py            # or --np 4, or --quick"

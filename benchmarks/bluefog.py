@@ -378,7 +378,8 @@ def write_markdown(results: list[dict], args: argparse.Namespace, load: tuple[fl
         "Both libraries run in the same processes (one mpirun job per rank count); the "
         "timing blocks of the variants alternate, so every ratio comes from the same run. "
         "Per-call time of a block = slowest rank's mean; a cell is the median over "
-        f"{args.blocks} blocks. Ratio = {ratio} time (> 1: decomm faster).",
+        f"{args.blocks} blocks. Ratio = {ratio} time (> 1: decomm faster); in brackets the "
+        "lowest and highest ratio of one block pair (the spread the noise made).",
         "",
         "## neighbor_allreduce (float32)",
         "",
@@ -390,12 +391,16 @@ def write_markdown(results: list[dict], args: argparse.Namespace, load: tuple[fl
     def t(s: float) -> str:
         return f"{s * 1e3:.3f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
 
+    def r(row: dict, a: str, b: str) -> str:
+        """Ratio of the medians [min-max of the per-block ratios]."""
+        per = [x / y for x, y in zip(row["blocks"][a], row["blocks"][b])]
+        return f"{row[a] / row[b]:.2f} [{min(per):.2f}-{max(per):.2f}]"
+
     for res in results:
         for row in res["nar"]:
             lines.append(f"| {res['np']} | {human(row['bytes'])} | {t(row['bluefog'])} | "
                          f"{t(row['decomm'])} | {t(row['decomm_'])} | "
-                         f"{row['bluefog'] / row['decomm']:.2f} | "
-                         f"{row['bluefog'] / row['decomm_']:.2f} |")
+                         f"{r(row, 'bluefog', 'decomm')} | {r(row, 'bluefog', 'decomm_')} |")
     params = results[0]["params"] if results else 0
     lines += [
         "",
@@ -411,8 +416,8 @@ def write_markdown(results: list[dict], args: argparse.Namespace, load: tuple[fl
     for res in results:
         d = res["dsgd"]
         lines.append(f"| {res['np']} | {t(d['local'])} | {t(d['bf_atc'])} | {t(d['dc_atc'])} | "
-                     f"{d['bf_atc'] / d['dc_atc']:.2f} | {t(d['bf_awc'])} | {t(d['dc_awc'])} | "
-                     f"{d['bf_awc'] / d['dc_awc']:.2f} |")
+                     f"{r(d, 'bf_atc', 'dc_atc')} | {t(d['bf_awc'])} | {t(d['dc_awc'])} | "
+                     f"{r(d, 'bf_awc', 'dc_awc')} |")
     lines += ["", "## Checks (before timing)", ""]
     for res in results:
         c, cd = res["check_nar"], res["check_dsgd"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -203,12 +204,17 @@ def bench_overlap(total: int, tensors: int, k: int, reps: int) -> dict:
     }
 
 
+def _load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1M models only, fewer steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    load_start = _load()
     torch.set_num_threads(args.threads)
     decomm.init()
     n = decomm.size()
@@ -265,18 +271,20 @@ def main() -> None:
             "# Optimizer wrapper overhead\n\n"
             "Produced by `mpirun --oversubscribe -np "
             f"{n} python benchmarks/optimizer_overhead.py` "
-            "(see the script's docstring for the method). Machine: shared 2-core VM "
-            "(other jobs were running: absolute times are noisy; ratios are measured in the "
-            "same run, best of R repetitions).\n\n"
+            f"(see the script's docstring for the method) on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; 2-core VM, run alone "
+            f"(ratios are measured in the same run, best of R repetitions). Load average "
+            f"(1, 5, 15 min) at start: {load_start}; at end: {_load()}.\n\n"
             "Reading: `DSGD` (adapt-then-combine) mixes the parameters in place - they live "
             "in the flat buffer - so its step is the local step plus one "
             "`neighbor_allreduce_` (target: wrapper/flat <= 1.05). The other wrappers do "
             "the extra elementwise work their equations need, each a full pass over model-"
-            "sized vectors: AWC copies x into its send buffer and does two fused passes "
-            "(s = Wx - x, x += s); gradient tracking copies g, updates y with two passes "
-            "and sends twice the bytes (its floor sends the same 2x buffer); D2 does three "
-            "passes (h = x - h, x += h, h = x - h); QG-DSGDm five. At 25M parameters "
-            "(100 MB per vector) these passes are memory-bound and visible.\n\n"
+            "sized vectors: AWC sends x as it is, receives s = Wx - x from the weighted sum "
+            "(neighbor_mix_delta) and adds one pass x += s; gradient tracking copies g, "
+            "updates y with two passes and sends twice the bytes (its floor sends the same "
+            "2x buffer); D2 does three passes (h = x - h, x += h, h = x - h); QG-DSGDm "
+            "five. At 25M parameters (100 MB per vector) these passes are memory-bound and "
+            "visible.\n\n"
         )
         RESULTS.write_text(header + text + "\n")
     sys.stdout.flush()

@@ -97,6 +97,15 @@ SYMMETRIZED_EXP = "exp, symmetrized (diagnostic)"
 ALGORITHM_TOPOLOGIES = ("ring", "exp", "Base-2 (k=1)", "Base-3 (k=2)")
 ALGORITHMS = {"DSGD": DSGD, "GradientTracking": GradientTracking, "QGDSGDm": QGDSGDm}
 LR_GRID = (0.05, 0.1, 0.2, 0.4)
+#: gradient tracking's grid reaches further down: over the Base graphs every point of
+#: LR_GRID diverged or collapsed to chance in a first run, so its best stable rate was
+#: below the grid
+GT_EXTRA_LRS = (0.0125, 0.025)
+
+
+def lr_grid_for(algorithm: str) -> tuple[float, ...]:
+    """The learning-rate grid of ``algorithm``."""
+    return (GT_EXTRA_LRS + LR_GRID) if algorithm == "GradientTracking" else LR_GRID
 TUNE_SEEDS = (100, 101)
 EVAL_SEEDS = (0, 1, 2, 3, 4)
 #: Base-(k+1) variants and the comparisons the paper makes (a, b): a - b is tested
@@ -282,20 +291,20 @@ def run_one(spec: RunSpec, eval_every: int = 100) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the plan
 
 
-def tune_specs(steps: int, lr_grid: Sequence[float], seeds: Sequence[int]) -> list[RunSpec]:
+def tune_specs(steps: int, seeds: Sequence[int]) -> list[RunSpec]:
     specs = []
     for alpha in ALPHAS:
         for label, _, _ in TOPOLOGIES:
-            for lr in lr_grid:
+            for lr in LR_GRID:
                 for seed in seeds:
                     specs.append(RunSpec("DSGD", label, alpha, lr, seed, "tune", steps))
     for algo in ("GradientTracking", "QGDSGDm"):
         for label in ALGORITHM_TOPOLOGIES:
-            for lr in lr_grid:
+            for lr in lr_grid_for(algo):
                 for seed in seeds:
                     specs.append(RunSpec(algo, label, 0.1, lr, seed, "tune", steps))
     specs += [RunSpec("DSGD", SYMMETRIZED_EXP, 0.1, lr, seed, "tune", steps)
-              for lr in lr_grid for seed in seeds]
+              for lr in LR_GRID for seed in seeds]
     return specs
 
 
@@ -307,7 +316,8 @@ def best_lr(runs: list[dict[str, Any]], algorithm: str, topology: str, alpha: fl
     bad: set[float] = set()
     for r in runs:
         if (r["stage"] == "tune" and r["algorithm"] == algorithm and r["topology"] == topology
-                and r["alpha"] == alpha and r["steps"] == steps and r["lr"] in LR_GRID):
+                and r["alpha"] == alpha and r["steps"] == steps
+                and r["lr"] in lr_grid_for(algorithm)):
             table[r["lr"]].append(r["val"])
             if r["diverged"]:
                 bad.add(r["lr"])
@@ -377,9 +387,11 @@ def _paired(a: list[float], b: list[float]) -> dict[str, float]:
 
 def _cell(runs: list[dict[str, Any]], algo: str, label: str, alpha: float,
           steps: int) -> list[dict[str, Any]]:
+    """The evaluation runs of a cell at its chosen learning rate, by seed."""
+    lr, _ = best_lr(runs, algo, label, alpha, steps)
     return sorted((r for r in runs if r["stage"] == "eval" and r["algorithm"] == algo
-                   and r["topology"] == label and r["alpha"] == alpha and r["steps"] == steps),
-                  key=lambda r: r["seed"])
+                   and r["topology"] == label and r["alpha"] == alpha and r["steps"] == steps
+                   and r["lr"] == lr), key=lambda r: r["seed"])
 
 
 def _plots(runs: list[dict[str, Any]], steps: int, out: Path) -> list[str]:
@@ -427,9 +439,10 @@ def write_report(runs: list[dict[str, Any]], steps: int, out: Path, meta: dict[s
         "# Topology study in the Base-(k+1) paper's regime (25 nodes, small CNN, tuned lr)",
         "",
         f"Written by `python benchmarks/topology_study.py` on {meta['date']} ({meta['machine']}); "
-        f"{meta['runs']} runs, wall time {meta['wall_min']:.0f} min over {meta['workers']} "
-        f"worker process(es). Load average (1, 5, 15 min) at start: {meta['load_start']}; at "
-        f"end: {meta['load_end']} (the load does not change the results, only the wall time).",
+        f"{meta['runs']} runs in `topology_study_runs.jsonl` (the tables use those at the grid "
+        f"points and chosen rates), {meta['wall_min']:.0f} min of compute over "
+        f"{meta['workers']} worker process(es). {meta['load']} The load changes only the wall "
+        f"time, not the results.",
         "",
         "## Protocol",
         "",
@@ -445,7 +458,8 @@ def write_report(runs: list[dict[str, Any]], steps: int, out: Path, meta: dict[s
         f"α = 10: nearly IID), batch {BATCH} per node, {steps} steps, SGD momentum {MOMENTUM} "
         f"(heavy ball) with weight decay {WEIGHT_DECAY:g}, linear warm-up over "
         f"{int(WARMUP_FRACTION * 100)}% of the steps then cosine decay to 0.",
-        f"* Learning rate: grid {', '.join(f'{v:g}' for v in LR_GRID)}, chosen per (algorithm, "
+        f"* Learning rate: grid {', '.join(f'{v:g}' for v in LR_GRID)} (gradient tracking also "
+        f"{', '.join(f'{v:g}' for v in GT_EXTRA_LRS)}), chosen per (algorithm, "
         f"topology, α) by the mean final validation accuracy of the averaged model x̄ over "
         f"tuning seeds {', '.join(map(str, TUNE_SEEDS))}; a grid point where a tuning seed "
         f"diverged is not eligible. The chosen rate is rerun with evaluation seeds "
@@ -523,8 +537,9 @@ def write_report(runs: list[dict[str, Any]], steps: int, out: Path, meta: dict[s
                          f"{acc.std(ddof=1):.2f} | {cmp} |")
     lines += ["", "## Learning-rate tuning (mean final validation accuracy of x̄ over the tuning "
               "seeds, %; D = a tuning seed diverged; * = chosen)", ""]
-    header = "| algorithm | α | topology | " + " | ".join(f"lr {v:g}" for v in LR_GRID) + " |"
-    lines += [header, "|---|---:|---|" + "---:|" * len(LR_GRID)]
+    columns = GT_EXTRA_LRS + LR_GRID
+    header = "| algorithm | α | topology | " + " | ".join(f"lr {v:g}" for v in columns) + " |"
+    lines += [header, "|---|---:|---|" + "---:|" * len(columns)]
     for algo in ("DSGD", "GradientTracking", "QGDSGDm"):
         for alpha in ALPHAS:
             for label, _, _ in (*TOPOLOGIES, (SYMMETRIZED_EXP, "", 0)):
@@ -532,7 +547,7 @@ def write_report(runs: list[dict[str, Any]], steps: int, out: Path, meta: dict[s
                 if not table:
                     continue
                 cells = []
-                for v in LR_GRID:
+                for v in columns:
                     rs = [r for r in runs if r["stage"] == "tune" and r["algorithm"] == algo
                           and r["topology"] == label and r["alpha"] == alpha and r["lr"] == v
                           and r["steps"] == steps]
@@ -559,7 +574,7 @@ def _load() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    global LR_GRID, TUNE_SEEDS, EVAL_SEEDS, TOPOLOGIES, ALGORITHM_TOPOLOGIES
+    global LR_GRID, GT_EXTRA_LRS, TUNE_SEEDS, EVAL_SEEDS, TOPOLOGIES, ALGORITHM_TOPOLOGIES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
@@ -575,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         args.steps = min(args.steps, 60)
         LR_GRID, TUNE_SEEDS, EVAL_SEEDS = (0.05, 0.1), (100,), (0, 1)
+        GT_EXTRA_LRS = (0.025,)
         TOPOLOGIES = tuple(t for t in TOPOLOGIES if t[0] in ("ring", "exp", "Base-2 (k=1)"))
         ALGORITHM_TOPOLOGIES = ("ring", "Base-2 (k=1)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -585,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = load_runs(path)
     if not args.report_only:
         print("[study] stage 1: learning-rate tuning on validation data", flush=True)
-        runs = execute(tune_specs(args.steps, LR_GRID, TUNE_SEEDS), path, args.workers)
+        runs = execute(tune_specs(args.steps, TUNE_SEEDS), path, args.workers)
         print("[study] stage 2: evaluation seeds at the chosen learning rates", flush=True)
         runs = execute(eval_specs(runs, args.steps, EVAL_SEEDS), path, args.workers)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -593,7 +609,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "runs": sum(1 for r in runs if r["steps"] == args.steps),
             "wall_min": sum(r["seconds"] for r in runs
                             if r["steps"] == args.steps) / 60 / args.workers,
-            "workers": args.workers, "load_start": load_start, "load_end": _load()}
+            "workers": args.workers,
+            "load": ("Report rewritten from the run log (--report-only): the load during the "
+                     "runs is not recorded." if args.report_only else
+                     f"Load average (1, 5, 15 min) at start: {load_start}; at end: {_load()}.")}
     if args.reading is not None:
         meta["reading"] = args.reading.read_text()
     write_report(runs, args.steps, args.out, meta)

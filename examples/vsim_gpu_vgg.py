@@ -45,12 +45,20 @@ if str(HERE.parent) not in sys.path:
 from datasets import load_cifar10  # noqa: E402
 from models import count_parameters, vgg11  # noqa: E402
 
-from decomm.optim import D2, DSGD, GradientTracking, PushSum, QGDSGDm  # noqa: E402
+from decomm.optim import (  # noqa: E402
+    D2,
+    DSGD,
+    ExactDiffusion,
+    GradientTracking,
+    PushDIGing,
+    PushSum,
+    QGDSGDm,
+)
 from decomm.topology import BaseGraph, OnePeerExponentialGraph, RingGraph  # noqa: E402
 from decomm.vsim import VectorizedSimulation  # noqa: E402
 
 WRAPPERS = {"dsgd": DSGD, "gt": GradientTracking, "d2": D2, "qgdsgdm": QGDSGDm,
-            "pushsum": PushSum}
+            "pushsum": PushSum, "pushdigging": PushDIGing, "exactdiffusion": ExactDiffusion}
 TOPOLOGIES = {"base": lambda n, k: BaseGraph(n, k),
               "onepeer": lambda n, k: OnePeerExponentialGraph(n),
               "ring": lambda n, k: RingGraph(n)}

@@ -43,6 +43,7 @@ from .ops import (
     neighbor_allreduce_,
     neighbor_allreduce_nonblocking,
     neighbor_allreduce_nonblocking_,
+    neighbor_mix_delta,
     poll,
     synchronize,
 )
@@ -120,6 +121,7 @@ __all__ = [
     "neighbor_allreduce_",
     "neighbor_allreduce_nonblocking",
     "neighbor_allreduce_nonblocking_",
+    "neighbor_mix_delta",
     "out_neighbors",
     "poll",
     "rank",

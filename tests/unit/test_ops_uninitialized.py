@@ -11,6 +11,7 @@ import decomm
 @pytest.mark.parametrize("call", [
     lambda: decomm.neighbor_allreduce(torch.zeros(2)),
     lambda: decomm.neighbor_allreduce_nonblocking(torch.zeros(2)),
+    lambda: decomm.neighbor_mix_delta(torch.zeros(2), torch.zeros(2)),
     lambda: decomm.allreduce(torch.zeros(2)),
     lambda: decomm.broadcast(torch.zeros(2), 0),
     lambda: decomm.allgather(torch.zeros(2)),

@@ -95,7 +95,13 @@ TOPOLOGIES: tuple[tuple[str, str, int], ...] = (
 SYMMETRIZED_EXP = "exp, symmetrized (diagnostic)"
 #: the topologies on which gradient tracking and QG-DSGDm are compared with DSGD (α = 0.1)
 ALGORITHM_TOPOLOGIES = ("ring", "exp", "Base-2 (k=1)", "Base-3 (k=2)")
-ALGORITHMS = {"DSGD": DSGD, "GradientTracking": GradientTracking, "QGDSGDm": QGDSGDm}
+#: gradient tracking over plain SGD (no inner momentum): a diagnostic for its instability
+#: over the Base graphs with heavy-ball momentum
+GT_PLAIN = "GradientTracking, no momentum"
+ALGORITHMS = {"DSGD": DSGD, "GradientTracking": GradientTracking, "QGDSGDm": QGDSGDm,
+              GT_PLAIN: GradientTracking}
+#: the algorithms compared with DSGD at α = 0.1 on ALGORITHM_TOPOLOGIES
+OTHER_ALGORITHMS = ("GradientTracking", "QGDSGDm", GT_PLAIN)
 LR_GRID = (0.05, 0.1, 0.2, 0.4)
 #: gradient tracking's grid reaches further down: over the Base graphs every point of
 #: LR_GRID diverged or collapsed to chance in a first run, so its best stable rate was
@@ -103,8 +109,14 @@ LR_GRID = (0.05, 0.1, 0.2, 0.4)
 GT_EXTRA_LRS = (0.0125, 0.025)
 
 
+#: without momentum the step is lr·g instead of about 10·lr·g: a grid 2x higher
+GT_PLAIN_LRS = (0.1, 0.2, 0.4, 0.8)
+
+
 def lr_grid_for(algorithm: str) -> tuple[float, ...]:
     """The learning-rate grid of ``algorithm``."""
+    if algorithm == GT_PLAIN:
+        return GT_PLAIN_LRS
     return (GT_EXTRA_LRS + LR_GRID) if algorithm == "GradientTracking" else LR_GRID
 TUNE_SEEDS = (100, 101)
 EVAL_SEEDS = (0, 1, 2, 3, 4)
@@ -236,6 +248,8 @@ def run_one(spec: RunSpec, eval_every: int = 100) -> dict[str, Any]:
     wrapper = ALGORITHMS[spec.algorithm]
     # QG-DSGDm supplies its own (quasi-global) momentum over plain SGD
     inner_momentum, kwargs = (0.0, {"momentum": MOMENTUM}) if wrapper is QGDSGDm else (MOMENTUM, {})
+    if spec.algorithm == GT_PLAIN:
+        inner_momentum = 0.0
     vs = VectorizedSimulation(
         topo, make_model,
         lambda m: torch.optim.SGD(m.parameters(), lr=spec.lr, momentum=inner_momentum,
@@ -298,7 +312,7 @@ def tune_specs(steps: int, seeds: Sequence[int]) -> list[RunSpec]:
             for lr in LR_GRID:
                 for seed in seeds:
                     specs.append(RunSpec("DSGD", label, alpha, lr, seed, "tune", steps))
-    for algo in ("GradientTracking", "QGDSGDm"):
+    for algo in OTHER_ALGORITHMS:
         for label in ALGORITHM_TOPOLOGIES:
             for lr in lr_grid_for(algo):
                 for seed in seeds:
@@ -328,8 +342,7 @@ def best_lr(runs: list[dict[str, Any]], algorithm: str, topology: str, alpha: fl
 def eval_specs(runs: list[dict[str, Any]], steps: int, seeds: Sequence[int]) -> list[RunSpec]:
     specs = []
     cells = [("DSGD", label, alpha) for alpha in ALPHAS for label, _, _ in TOPOLOGIES]
-    cells += [(a, label, 0.1) for a in ("GradientTracking", "QGDSGDm")
-              for label in ALGORITHM_TOPOLOGIES]
+    cells += [(a, label, 0.1) for a in OTHER_ALGORITHMS for label in ALGORITHM_TOPOLOGIES]
     cells.append(("DSGD", SYMMETRIZED_EXP, 0.1))
     for algo, label, alpha in cells:
         lr, _ = best_lr(runs, algo, label, alpha, steps)
@@ -518,7 +531,7 @@ def write_report(runs: list[dict[str, Any]], steps: int, out: Path, meta: dict[s
     lines += ["## Gradient tracking and QG-DSGDm at each topology's best stable lr (α = 0.1)", "",
               "| algorithm | topology | lr (chosen) | test acc. x̄ (%) | vs DSGD same topology: "
               "mean Δ (p, t-test) |", "|---|---|---:|---:|---|"]
-    for algo in ("DSGD", "GradientTracking", "QGDSGDm"):
+    for algo in ("DSGD", *OTHER_ALGORITHMS):
         for label in ALGORITHM_TOPOLOGIES:
             cell = _cell(runs, algo, label, 0.1, steps)
             if not cell:
@@ -537,10 +550,10 @@ def write_report(runs: list[dict[str, Any]], steps: int, out: Path, meta: dict[s
                          f"{acc.std(ddof=1):.2f} | {cmp} |")
     lines += ["", "## Learning-rate tuning (mean final validation accuracy of x̄ over the tuning "
               "seeds, %; D = a tuning seed diverged; * = chosen)", ""]
-    columns = GT_EXTRA_LRS + LR_GRID
+    columns = tuple(sorted({v for a in ALGORITHMS for v in lr_grid_for(a)}))
     header = "| algorithm | α | topology | " + " | ".join(f"lr {v:g}" for v in columns) + " |"
     lines += [header, "|---|---:|---|" + "---:|" * len(columns)]
-    for algo in ("DSGD", "GradientTracking", "QGDSGDm"):
+    for algo in ("DSGD", *OTHER_ALGORITHMS):
         for alpha in ALPHAS:
             for label, _, _ in (*TOPOLOGIES, (SYMMETRIZED_EXP, "", 0)):
                 chosen, table = best_lr(runs, algo, label, alpha, steps)
@@ -574,7 +587,8 @@ def _load() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    global LR_GRID, GT_EXTRA_LRS, TUNE_SEEDS, EVAL_SEEDS, TOPOLOGIES, ALGORITHM_TOPOLOGIES
+    global LR_GRID, GT_EXTRA_LRS, GT_PLAIN_LRS, TUNE_SEEDS, EVAL_SEEDS
+    global TOPOLOGIES, ALGORITHM_TOPOLOGIES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
@@ -590,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         args.steps = min(args.steps, 60)
         LR_GRID, TUNE_SEEDS, EVAL_SEEDS = (0.05, 0.1), (100,), (0, 1)
-        GT_EXTRA_LRS = (0.025,)
+        GT_EXTRA_LRS, GT_PLAIN_LRS = (0.025,), (0.2,)
         TOPOLOGIES = tuple(t for t in TOPOLOGIES if t[0] in ("ring", "exp", "Base-2 (k=1)"))
         ALGORITHM_TOPOLOGIES = ("ring", "Base-2 (k=1)")
     args.out.mkdir(parents=True, exist_ok=True)

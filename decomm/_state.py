@@ -74,11 +74,21 @@ class State:
     stats_base: tuple[int, int] = (0, 0)  # bytes sent/received by backends before a recovery
     plans: dict[int, RoundPlan] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _last_plan: tuple[Any, ...] | None = field(default=None, repr=False)
 
     def plan(self) -> tuple[RoundPlan, int]:
         """This rank's plan for the current round, and the round."""
         t = self.round
-        return plan_for(self.topology, self.rank, t, self.plans), t
+        last = self._last_plan
+        # The same round as the previous op (every op of a step): skip round_index. Valid
+        # while topology, rank and plan cache are the ones it was made for (set_topology
+        # and a recovery replace the cache).
+        if (last is not None and last[0] == t and last[1] is self.topology
+                and last[2] is self.plans and last[3] == self.rank):
+            return last[4], t
+        plan = plan_for(self.topology, self.rank, t, self.plans)
+        self._last_plan = (t, self.topology, self.plans, self.rank, plan)
+        return plan, t
 
 
 _current: State | None = None

@@ -318,7 +318,7 @@ def check_device(t: torch.Tensor, where: str) -> None:
 def backend_for(state: Any, t: torch.Tensor, op: str = "") -> Any:
     """The object that runs ``op`` on ``t``: ``state.backend`` for CPU tensors; for CUDA
     tensors the NCCL backend or the staged MPI one. All have MpiBackend's methods."""
-    if t.device.type != "cuda":
+    if not t.is_cuda:  # (t.device.type costs 5x more: this is on every op's path)
         return state.backend
     plan = _plan_for(state)
     if plan.nccl is not None and (op != "allreduce" or t.dtype in _NCCL_SUM_DTYPES):

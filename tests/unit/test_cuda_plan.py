@@ -136,8 +136,8 @@ def job(monkeypatch):
 
 
 def _cuda_tensor(dtype=torch.float32):
-    """What backend_for reads of a tensor: its device and dtype."""
-    return types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype)
+    """What backend_for reads of a tensor: whether it is on CUDA, its device and dtype."""
+    return types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=dtype)
 
 
 def test_one_gpu_per_rank_uses_nccl(job):

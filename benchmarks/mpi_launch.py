@@ -1,8 +1,10 @@
-"""Shared by the benchmark scripts: starting worker ranks under mpirun, timing calls."""
+"""Shared by the benchmark scripts: starting worker ranks under mpirun, timing calls, naming
+the machine."""
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -42,3 +44,14 @@ def median_call_time(comm: Any, fn: Callable[[], None], iters: int, reps: int) -
             fn()
         samples.append((time.perf_counter() - t0) / iters)
     return comm.allreduce(float(np.median(samples)), op=MPI.MAX)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), for the results files' machine line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -30,17 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mpi_launch import cpu_model  # noqa: E402  (benchmarks/mpi_launch.py)
+
 from decomm import topology as T  # noqa: E402
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
@@ -124,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     worst = max(ms for name, _, _, _, ms, _ in rows if name.startswith("BaseGraph"))
     verdict = "met" if worst < 1000 else "NOT met"
-    machine = (f"{_cpu_model()}, {os.cpu_count()} logical cores visible, shared with other jobs "
+    machine = (f"{cpu_model()}, {os.cpu_count()} logical cores visible, shared with other jobs "
                "(2 shared cores); "
                f"Python {platform.python_version()}, numpy {np.__version__}, {platform.system()}")
     md = [

@@ -361,7 +361,7 @@ def neighbor_mix_delta(tensor: torch.Tensor, out: torch.Tensor, *, name: str | N
     be = cuda_ops.backend_for(state, tensor, "neighbor_allreduce")
     h = be.neighbor_allreduce(tensor, out, sw - 1.0, src, src_w, dst, dst_w, name, rnd,
                               state.topo_hash, nonblocking)
-    finish = _finisher(out, out, lambda r: r, False, nonfinite)
+    finish = _finisher(out, out, _identity, False, nonfinite)
     if nonblocking:
         return Handle(h, finish, (tensor, out))
     return finish(out)

@@ -39,12 +39,7 @@ MOMENTUM = 0.1  # BatchNorm1d's default
 TOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def data(i: int) -> torch.Tensor:

@@ -36,12 +36,7 @@ CASES = {
 X_STAR = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def start(i: int) -> torch.Tensor:

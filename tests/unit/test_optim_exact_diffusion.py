@@ -24,12 +24,7 @@ from decomm.topology import BaseGraph, OnePeerExponentialGraph, RingGraph, Topol
 N, D = 6, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 class Quad(nn.Module):

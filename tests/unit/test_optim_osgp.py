@@ -23,12 +23,7 @@ from decomm.topology import RingGraph, Topology
 N, D = 5, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 class Vec(nn.Module):

@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from batchnorm_case import C, data, local_stats, make_model  # tests/batchnorm_case.py
 
 import decomm
 from decomm.compression import Identity
@@ -25,19 +25,7 @@ from decomm.errors import DecommError
 from decomm.optim import D2, DSGD, AsyncGossip, ChocoSGD, GradientTracking, PushSum, QGDSGDm
 from decomm.topology import Topology
 
-B, DIN, C = 8, 3, 4
-MOMENTUM = 0.1
 TOL = 1e-12
-
-
-def data(i: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100 + i)
-    return torch.randn(B, DIN, generator=g, dtype=torch.float64) * (i + 1) + i
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(DIN, C), nn.BatchNorm1d(C)).double()
 
 
 def shift(n: int) -> np.ndarray:
@@ -56,10 +44,6 @@ def lazy_static(n: int) -> Topology:
     return Topology.from_matrices(0.5 * np.eye(n) + 0.5 * shift(n))
 
 
-def local_stats(weight, bias, mean, var, i):
-    h = data(i).numpy() @ weight.T + bias
-    return ((1 - MOMENTUM) * mean + MOMENTUM * h.mean(axis=0),
-            (1 - MOMENTUM) * var + MOMENTUM * h.var(axis=0, ddof=1))
 
 
 def first_step_stats(n: int) -> tuple[np.ndarray, np.ndarray]:

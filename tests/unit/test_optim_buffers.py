@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from batchnorm_case import MOMENTUM, C, data, local_stats, make_model  # tests/batchnorm_case.py
 from torch import nn
 
 from decomm.compression import Identity
@@ -34,23 +35,10 @@ from decomm.optim.comm import LocalCommunicator
 from decomm.sim import Simulation
 from decomm.topology import OnePeerExponentialGraph, RingGraph, Topology
 
-N, B, DIN, C = 4, 8, 3, 4
-MOMENTUM = 0.1  # BatchNorm1d's default
+N = 4
 TOL = 1e-12
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-def data(i: int) -> torch.Tensor:
-    """Node i's batch: shifted and scaled per node, so the statistics differ."""
-    g = torch.Generator().manual_seed(100 + i)
-    return torch.randn(B, DIN, generator=g, dtype=torch.float64) * (i + 1) + i
-
-
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(DIN, C), nn.BatchNorm1d(C)).double()
 
 
 def loss_fn(i: int, model: nn.Module) -> torch.Tensor:
@@ -65,12 +53,6 @@ def sgd(lr: float = 0.0):
     return lambda m: torch.optim.SGD(m.parameters(), lr=lr)
 
 
-def local_stats(weight: np.ndarray, bias: np.ndarray, mean: np.ndarray, var: np.ndarray,
-                i: int) -> tuple[np.ndarray, np.ndarray]:
-    """BatchNorm's running-statistics update for node i's batch, in numpy."""
-    h = data(i).numpy() @ weight.T + bias
-    return ((1 - MOMENTUM) * mean + MOMENTUM * h.mean(axis=0),
-            (1 - MOMENTUM) * var + MOMENTUM * h.var(axis=0, ddof=1))
 
 
 def stats(sim: Simulation) -> tuple[np.ndarray, np.ndarray]:

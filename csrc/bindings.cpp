@@ -17,6 +17,13 @@ decomm::Peers to_peers(const std::vector<int64_t>& ranks, const std::vector<doub
   return p;
 }
 
+// One rank's part of one topology round, converted once (RoundPlan.native in
+// decomm/_state.py): the fast path below then converts no Python lists per call.
+struct RoundPeers {
+  double self_weight;
+  decomm::Peers src, dst;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -40,6 +47,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("poll", &decomm::Handle::poll, py::call_guard<py::gil_scoped_release>())
       .def("wait", &decomm::Handle::wait, py::call_guard<py::gil_scoped_release>())
       .def("times", &decomm::Handle::times);
+
+  py::class_<RoundPeers>(m, "RoundPeers")
+      .def(py::init([](double self_w, const std::vector<int64_t>& src,
+                       const std::vector<double>& src_w, const std::vector<int64_t>& dst,
+                       const std::vector<double>& dst_w) {
+             TORCH_CHECK(src.size() == src_w.size() && dst.size() == dst_w.size(),
+                         "RoundPeers: one weight per rank");
+             return RoundPeers{self_w, to_peers(src, src_w), to_peers(dst, dst_w)};
+           }))
+      .def_readonly("self_weight", &RoundPeers::self_weight);
 
   py::class_<MpiBackend, std::shared_ptr<MpiBackend>>(m, "MpiBackend")
       .def(py::init<int64_t, double, bool, bool>(), py::arg("comm_f"), py::arg("timeout"),
@@ -73,6 +90,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              const std::string& name, int64_t round, uint64_t topo_hash, bool async) {
             return b.neighbor_allreduce(x, out, self_weight, to_peers(src, src_w),
                                         to_peers(dst, dst_w), name, round, topo_hash, async);
+          },
+          py::call_guard<py::gil_scoped_release>())
+      // The blocking call with the topology's weights on a tensor that needs no
+      // conversion: what a training loop makes thousands of times per second with
+      // small buffers, where the general Python path cost as much as the exchange.
+      // Returns None for anything else (device, dtype, layout, autograd), which
+      // decomm/ops.py then runs, and checks, on the general path.
+      .def(
+          "neighbor_allreduce_now",
+          [](MpiBackend& b, const at::Tensor& x, bool inplace, const RoundPeers& p,
+             const std::string& name, int64_t round,
+             uint64_t topo_hash) -> std::optional<at::Tensor> {
+            if (!x.defined() || !x.device().is_cpu() || !decomm::is_supported_float(x.scalar_type()) ||
+                !x.is_contiguous() || x.requires_grad() || x.is_inference())
+              return std::nullopt;
+            at::Tensor out = inplace ? x : at::empty_like(x, at::MemoryFormat::Contiguous);
+            b.neighbor_allreduce(x, out, p.self_weight, p.src, p.dst, name, round, topo_hash,
+                                 false);
+            // what torch's in-place ops do: a tensor saved for backward now fails there
+            if (inplace) x.unsafeGetTensorImpl()->bump_version();
+            return out;
           },
           py::call_guard<py::gil_scoped_release>())
       .def("neighbor_allgather", &MpiBackend::neighbor_allgather,

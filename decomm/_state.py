@@ -27,6 +27,9 @@ class RoundPlan:
     src_weights: list[float]
     dst_ranks: list[int]
     dst_weights: list[float] = field(default_factory=list)  # 1.0 each: sent unscaled
+    #: the same plan converted for the C++ core (``decomm._C.RoundPeers``), made by the
+    #: first op that needs it (decomm/ops.py); plans are never modified after creation
+    native: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.dst_weights:

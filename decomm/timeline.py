@@ -324,6 +324,11 @@ def _describe(args: tuple, kwargs: dict, name_idx: int | None, kind: str) -> tup
     return info["name"], info
 
 
+def recording() -> bool:
+    """True while the timeline or torch's profiler records (ops then take the traced path)."""
+    return enabled or _ap._is_profiler_enabled
+
+
 def traced(kind: str, *, name_param: str = "name",
            phases: bool = True) -> Callable[[Callable], Callable]:
     """Decorator for an op: timeline events and a profiler range around each call.

@@ -154,6 +154,65 @@ def test_in_place_contiguous_returns_same_tensor():
     assert_close(x, expected_mix(topo.matrix(0), r, (6,)), torch.float32)
 
 
+def test_blocking_calls_take_the_native_path_and_give_the_general_paths_result(monkeypatch):
+    """Plain contiguous float tensors go straight to C++ (decomm.ops._neighbor_allreduce_now);
+    the result must be bitwise the general path's, and everything else must still take
+    the general path (which owns conversions and error messages)."""
+    from decomm import ops
+
+    n, r = decomm.size(), decomm.rank()
+    topo = T.ExponentialGraph(n)
+    decomm.set_topology(topo)
+    general = []
+    real = ops._neighbor_allreduce
+
+    def spy(tensor, *args):
+        general.append(tensor)
+        return real(tensor, *args)
+
+    monkeypatch.setattr(ops, "_neighbor_allreduce", spy)
+    want = expected_mix(topo.matrix(0), r, (300,))
+    for dtype in DTYPES:
+        x = rank_value(r, (300,), dtype)
+        y = decomm.neighbor_allreduce(x, name=f"fast.{dtype}")
+        assert_close(y, want, dtype)
+        assert y.data_ptr() != x.data_ptr() and torch.equal(x, rank_value(r, (300,), dtype))
+        z = x.clone()
+        assert decomm.neighbor_allreduce_(z, name=f"fast-ip.{dtype}") is z
+        assert torch.equal(z, y)
+        assert torch.equal(real(x, None, None, None, f"general.{dtype}", False, False), y)
+    assert general == []
+    # what the native path leaves to the general one
+    x2 = rank_value(r, (20, 15))
+    others = [x2.t(), np.ascontiguousarray(x2.numpy()), x2.clone().requires_grad_()]
+    for k, t in enumerate(others):
+        decomm.neighbor_allreduce(t, name=f"general.{k}")
+    assert len(general) == len(others)
+    with pytest.raises(TypeError, match=f"'int' on rank {r}: dtype torch.int64 is not supported"):
+        decomm.neighbor_allreduce_(torch.ones(3, dtype=torch.int64), name="int")
+    with torch.inference_mode():  # no version counter to bump
+        inf = rank_value(r, (300,))
+    assert_close(decomm.neighbor_allreduce(inf, name="inference"), want, torch.float64)
+    assert len(general) == len(others) + 2
+    with torch.autograd.profiler.profile() as prof:  # recorded: the traced general path
+        decomm.neighbor_allreduce(rank_value(r, (300,)), name="profiled")
+    assert len(general) == len(others) + 3
+    assert any(e.name == "decomm::neighbor_allreduce" for e in prof.function_events)
+
+
+def test_native_in_place_call_bumps_the_version_counter():
+    r = decomm.rank()
+    decomm.set_topology(T.RingGraph(decomm.size()))
+    w = torch.tensor([2.0], requires_grad=True)
+    a = rank_value(r, (1,))  # no autograd history: the native path
+    loss = (w * a).sum()  # saves a for backward
+    v = a._version
+    decomm.neighbor_allreduce_(a, name="a")
+    assert a._version == v + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_self_and_src_weight_override():
     n, r = decomm.size(), decomm.rank()
     topo = T.RingGraph(n)

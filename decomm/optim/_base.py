@@ -448,6 +448,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     """
 
     _comm_segments: ClassVar[int] = 1
+    #: elements after the segments in every bucket's buffer (see build_buckets)
+    _comm_extra: ClassVar[int] = 0
     _stateful: ClassVar[bool] = True
     _can_prefetch: ClassVar[bool] = False
     #: GradScaler calls step() even after an overflow, handing over grad_scale and
@@ -532,7 +534,7 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         indexed = collect_params(self.optimizer.param_groups)
         if not checked:
             self._check_new_params(indexed)  # before anything moves, is sent or stepped
-        self._buckets = build_buckets(indexed, self._comm_segments)
+        self._buckets = build_buckets(indexed, self._comm_segments, self._comm_extra)
         if broadcast and self._comm.size() > 1:
             new = set(new_groups)
             with torch.no_grad():

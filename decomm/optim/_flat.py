@@ -8,7 +8,9 @@ contiguous *bucket* per ``(device, dtype)``.  A bucket's buffer is laid out as
   param group and then by position inside the group, so every param group owns
   one contiguous range of the segment;
 * further segments hold algorithm state that travels with the parameters in the
-  same message (gradient tracking puts its tracker ``y`` in segment 1).
+  same message (gradient tracking puts its tracker ``y`` in segment 1);
+* ``extra`` trailing elements after the segments carry per-bucket scalars in the
+  same message (push-sum's weight ``w``).
 
 Because the parameters *are* the communication buffer, packing and unpacking
 cost nothing: one in-place ``neighbor_allreduce_`` of ``bucket.buffer`` mixes
@@ -32,6 +34,24 @@ import torch
 from torch import Tensor
 
 __all__ = ["Bucket", "build_buckets", "collect_params"]
+
+
+#: bytes per block of a blocked pass (see block_elements): well inside a core's cache
+BLOCK_BYTES = 1 << 20
+#: vectors up to this size are done in one block (they stay in cache anyway)
+WHOLE_BYTES = 8 << 20
+
+
+def block_elements(numel: int, element_size: int) -> int:
+    """Elements per block when several element-wise ops run over one flat vector.
+
+    Done block by block, each block is read from memory once and the later ops find
+    it in cache; per element the ops and their order are the same, so are the
+    results. Vectors of up to :data:`WHOLE_BYTES` are one block (fewer calls).
+    """
+    if numel * element_size <= WHOLE_BYTES:
+        return max(numel, 1)
+    return max(BLOCK_BYTES // element_size, 1)
 
 
 def collect_params(param_groups: list[dict]) -> list[tuple[int, Tensor]]:
@@ -127,11 +147,13 @@ class Bucket:
         return all(p.data_ptr() == q for p, q in zip(self.params, self.ptrs))
 
 
-def build_buckets(indexed_params: list[tuple[int, Tensor]], segments: int = 1) -> list[Bucket]:
+def build_buckets(indexed_params: list[tuple[int, Tensor]], segments: int = 1,
+                  extra: int = 0) -> list[Bucket]:
     """Move parameters into flat buckets (one per device/dtype), keeping values.
 
     ``segments`` is the number of model-sized blocks in each bucket's buffer
-    (1 = parameters only).  Extra segments are zero-initialised.
+    (1 = parameters only), ``extra`` the number of elements after them.  Extra
+    segments and elements are zero-initialised.
     """
     order: list[tuple[torch.device, torch.dtype]] = []
     members: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
@@ -153,7 +175,7 @@ def build_buckets(indexed_params: list[tuple[int, Tensor]], segments: int = 1) -
         for _, p in items:
             offsets.append(off)
             off += p.numel()
-        buf = torch.zeros(off * segments, dtype=key[1], device=key[0])
+        buf = torch.zeros(off * segments + extra, dtype=key[1], device=key[0])
         b = Bucket(
             device=key[0],
             dtype=key[1],

@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import _agree, ops
 from ..errors import DecommError
 from ._base import DecentralizedOptimizer, Mix
+from ._flat import block_elements
 from .comm import Communicator, MPICommunicator, PendingExchange
 
 __all__ = ["PushSum", "PushWeights", "push_communicator"]
@@ -193,12 +194,25 @@ class _PushSumCommunicator:
         """(self weight, src_weights, dst_weights) of this rank for the current round."""
         return self._weights.of(self.rank(), self.current_round())
 
-    def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None) -> Tensor:
+    def shared_send_weight(self) -> float | None:
+        """The weight ``c`` of the current round's messages when every out-neighbour gets
+        the same share and it is not 1 (the default split: ``1 / (outdeg + 1)``), else
+        ``None``. With overlap, a message written as ``c · x`` can go out unscaled
+        (:meth:`neighbor_allreduce_` with ``prescaled=True``)."""
+        shares = set(self.weights()[2].values())
+        return shares.pop() if len(shares) == 1 and 1.0 not in shares else None
+
+    def neighbor_allreduce_(self, tensor: Tensor, name: str | None = None,
+                            prescaled: bool = False) -> Tensor:
         sw, src, dst = self.weights()
         if self.overlap:  # start only; the wrapper completes it τ steps later
+            if prescaled:  # the tensor is c · x already (shared_send_weight)
+                dst = dict.fromkeys(dst, 1.0)
             self._started.append(ops.neighbor_allreduce_nonblocking_(
                 tensor, self_weight=0.0, src_weights=src, dst_weights=dst, name=name))
             return tensor
+        if prescaled:
+            raise ValueError("prescaled messages are for the overlap mode only")
         return ops.neighbor_allreduce_(tensor, self_weight=sw, src_weights=src,
                                       dst_weights=dst, name=name)
 
@@ -287,6 +301,11 @@ class _PushMixing:
             self._comm.take_started()  # in flight with the old communicator: gone
 
 
+#: dtypes whose sender scaling torch reproduces exactly (the C++ kernel multiplies in the
+#: dtype itself; half precision it multiplies in float32 and rounds once)
+_PRESCALE_DTYPES = (torch.float32, torch.float64)
+
+
 def _check_overlap(overlap: Any) -> int:
     if overlap is True:
         return 1
@@ -353,15 +372,23 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
 
     The weight travels with the message: one ``neighbor_allreduce_`` per dtype of
     ``numel + 1`` elements (the parameters and ``w``), sender-scaled with
-    ``dst_weights``. Cost per step beyond the inner step: three passes over the
-    parameters (``x = w z``, the copy into the message, ``z = x / w``), one more with
-    overlap (adding the completed message). A global step (``global_every``) averages
-    ``x`` and ``w`` exactly, giving ``z = x̄ / w̄``.
+    ``dst_weights``. Without overlap the parameters' flat buffer is the message
+    (``w`` rides in one element after the parameters, mixed in place), so a step costs
+    two passes over the parameters beyond the inner step and the exchange (``x = w z``
+    and ``z = x / w``), none where ``w`` is exactly 1 (every node's in-shares sum to
+    1, as on regular graphs with the default split: multiplying and dividing by 1
+    change nothing, so they are skipped).  With overlap: ``x = w z``, the copy into
+    the message slot (in float32/float64 it also applies the share every out-neighbour
+    gets when they all get the same, as with the default split, which the exchange
+    would otherwise do in one more pass) and one blocked pass that keeps ``P[i, i]``
+    of ``x``, adds the completed message and divides by ``w``. A global step
+    (``global_every``) averages ``x`` and ``w`` exactly, giving ``z = x̄ / w̄``.
 
     Runs under MPI and in :mod:`decomm.sim` (which mixes with ``P(t)`` itself).
     """
 
     _stateful = True
+    _comm_extra = 1  # w, after the parameters
 
     def __init__(
         self,
@@ -384,6 +411,7 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
         self._queue: list[tuple[int, list[PendingExchange] | None]] = []
         self._slot = 0
         self._off_diagonal: tuple[Any, Any] | None = None  # (P(t), P(t) − diag)
+        self._prescaled: list[bool] = []  # per bucket: this step's message is c · x
         super().__init__(
             optimizer,
             communicate_every=communicate_every,
@@ -404,8 +432,10 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
             return [torch.zeros(b.numel + 1, dtype=b.dtype, device=b.device)
                     for b in self._buckets]
 
-        self._slots = [message() for _ in range(self.overlap + 1)]
-        self._msg = self._slots[0]
+        # without overlap the bucket buffers are the messages; with it, the messages in
+        # flight must outlive the parameters' next updates
+        self._slots = [message() for _ in range(self.overlap + 1)] if self.overlap else []
+        self._msg = self._slots[0] if self.overlap else []
         self._queue = []
         self._slot = 0
         if isinstance(self._comm, _PushSumCommunicator):
@@ -457,29 +487,46 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
         return held[1]
 
     def _mix_buffers(self) -> list[Tensor]:
-        return self._msg
+        return self._msg if self.overlap else [b.buffer for b in self._buckets]
 
     def _local_phase(self, mix: Mix) -> None:
+        self._prescaled = []
         with torch.no_grad():
             for b, w in zip(self._buckets, self._w):
-                b.flat.mul_(float(w))  # x = w z
+                if float(w) != 1.0:  # x · 1 is x: skip a pass over the parameters
+                    b.flat.mul_(float(w))  # x = w z
             self._inner_step()  # x − u, u from the gradient at z
             if mix is Mix.NONE:
                 return
-            if self.overlap and mix is Mix.GLOBAL:
-                self._drain(len(self._queue))  # an exact average includes all mass
-            if self.overlap:
-                busy = {s for s, _ in self._queue}
-                self._slot = next(s for s in range(self.overlap + 1) if s not in busy)
-                self._msg = self._slots[self._slot]
-            for b, w, m in zip(self._buckets, self._w, self._msg):
-                m[: b.numel].copy_(b.flat)
-                m[b.numel] = float(w)
-            if self.overlap and mix is Mix.NEIGHBOR:
-                keep = float(self.push_sum_weights()[0])
+            if not self.overlap:
                 for b, w in zip(self._buckets, self._w):
-                    b.flat.mul_(keep)  # P[i, i] x^{c+1/2}: kept at once
-                    w.mul_(keep)
+                    b.buffer[b.numel] = float(w)  # [x | w] is mixed in place
+                return
+            if mix is Mix.GLOBAL:
+                self._drain(len(self._queue))  # an exact average includes all mass
+            busy = {s for s, _ in self._queue}
+            self._slot = next(s for s in range(self.overlap + 1) if s not in busy)
+            self._msg = self._slots[self._slot]
+            share = (self._comm.shared_send_weight() if mix is Mix.NEIGHBOR
+                     and isinstance(self._comm, _PushSumCommunicator) else None)
+            for b, w, m in zip(self._buckets, self._w, self._msg):
+                scaled = share is not None and b.dtype in _PRESCALE_DTYPES
+                if scaled:  # the sender's scaling done by the copy: one pass less
+                    torch.mul(b.flat, share, out=m[: b.numel])
+                    m[b.numel] = float(w)
+                    m[b.numel :].mul_(share)
+                else:
+                    m[: b.numel].copy_(b.flat)
+                    m[b.numel] = float(w)
+                self._prescaled.append(scaled)
+
+    def _exchange_with_neighbors(self, nonblocking: bool) -> list[PendingExchange]:
+        if nonblocking or not any(self._prescaled):
+            return super()._exchange_with_neighbors(nonblocking)
+        assert isinstance(self._comm, _PushSumCommunicator)
+        for k, (buf, scaled) in enumerate(zip(self._mix_buffers(), self._prescaled)):
+            self._comm.neighbor_allreduce_(buf, name=self._buffer_name(k), prescaled=scaled)
+        return []
 
     def _finish_phase(self, mix: Mix) -> None:
         with torch.no_grad():
@@ -487,17 +534,21 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
                 started = (self._comm.take_started()
                            if isinstance(self._comm, _PushSumCommunicator) else None)
                 self._queue.append((self._slot, started or None))
-                self._drain(len(self._queue) - self.overlap)
-                self._divide()
+                self._keep_drain_divide(len(self._queue) - self.overlap)
                 return
-            for k, (b, m) in enumerate(zip(self._buckets, self._msg)):
-                if mix is not Mix.NONE:
-                    w = float(m[b.numel])
+            for k, b in enumerate(self._buckets):
+                if mix is Mix.NONE:
+                    w = float(self._w[k])
+                else:
+                    src = self._msg[k] if self.overlap else b.buffer  # GLOBAL with overlap
+                    w = float(src[b.numel])
                     self._check_weight(w)
                     self._w[k].fill_(w)
-                    torch.div(m[: b.numel], w, out=b.flat)
-                else:
-                    b.flat.div_(float(self._w[k]))
+                    if self.overlap:
+                        torch.div(src[: b.numel], w, out=b.flat)
+                        continue
+                if w != 1.0:  # x / 1 is x
+                    b.flat.div_(w)  # z = x / w
 
     # --------------------------------------------------------------- overlap
     def _check_weight(self, w: float) -> None:
@@ -510,6 +561,36 @@ class PushSum(_PushMixing, DecentralizedOptimizer):
         for b, w in zip(self._buckets, self._w):
             self._check_weight(float(w))
             b.flat.div_(float(w))  # z = x / w
+
+    def _keep_drain_divide(self, count: int) -> None:
+        """Overlap, end of a gossip step: ``x ← (P[i, i] x + Σ m) / w`` with the ``count``
+        oldest messages ``m`` in flight (``w`` likewise, undivided).
+
+        The same element-wise operations in the same order as keeping, :meth:`_drain`
+        and :meth:`_divide` one after the other, so the same values; but block by block,
+        so that each block of ``x`` is read from memory once and its later operations
+        find it in cache (the keep is done here, not when the message was copied: the
+        exchange in flight reads only its slot)."""
+        keep = float(self.push_sum_weights()[0])
+        slots = []
+        for _ in range(max(count, 0)):
+            slot, handles = self._queue.pop(0)
+            for h in handles or ():
+                h.wait()
+            slots.append(self._slots[slot])
+        for k, (b, w) in enumerate(zip(self._buckets, self._w)):
+            w.mul_(keep)  # P[i, i] w^c
+            for msg in slots:
+                w.add_(float(msg[k][b.numel]))
+            wv = float(w)
+            self._check_weight(wv)
+            step = block_elements(b.numel, b.flat.element_size())
+            for s in range(0, b.numel, step):
+                xs = b.flat[s : s + step]
+                xs.mul_(keep)  # P[i, i] x^{c+1/2}
+                for msg in slots:
+                    xs.add_(msg[k][s : min(s + step, b.numel)])
+                xs.div_(wv)  # z = x / w
 
     def _complete_pending(self) -> None:
         """Wait for the MPI exchanges in flight (their results stay in their slots)."""

@@ -487,6 +487,42 @@ def test_async_gossip_averages_and_trains_with_uneven_speeds():
     opt.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_async_gossip_mix_in_place_is_win_update_bitwise(dtype, monkeypatch):
+    """AsyncGossip mixes its window in place (no new tensor per step): the registered
+    tensor, this rank's own slot and its version must end exactly as after
+    ``win_update`` with the same weights, whole and in blocks (shrunk to 16 elements)."""
+    import decomm.optim._flat as flat
+    from decomm.optim.async_gossip import _win_update_in_place
+
+    n, r = decomm.size(), decomm.rank()
+    decomm.set_topology(T.ExponentialGraph(n) if n > 3 else T.RingGraph(n))
+    g = torch.Generator().manual_seed(10 + r)
+    for whole in (True, False):
+        if not whole:
+            monkeypatch.setattr(flat, "BLOCK_BYTES", 16 * torch.empty((), dtype=dtype).itemsize)
+            monkeypatch.setattr(flat, "WHOLE_BYTES", 0)
+        for numel in (0, 1, 1001):
+            x = (torch.randn(numel, generator=g) * 10).to(dtype)
+            name = f"inplace.{whole}.{numel}"
+            W.win_create(x, name)
+            x.copy_((torch.randn(numel, generator=g) * 3).to(dtype))
+            W.win_put(x, name)
+            decomm.barrier()  # every neighbour's put has landed in this rank's slots
+            ins = W.win_in_neighbors(name)
+            rng = np.random.default_rng(r)
+            for sw, nb in [(0.37, {j: float(rng.random()) for j in ins}),
+                           (1.0, dict.fromkeys(ins, 1.0)), (0.0, dict.fromkeys(ins, 0.5))]:
+                want = W.win_update(name, self_weight=sw, neighbor_weights=nb, clone=True)
+                w = W._windows[name]
+                seq = int(w.seqs[0])
+                out = _win_update_in_place(name, sw, nb, torch.empty(max(numel, 1), dtype=dtype))
+                assert out is x and torch.equal(x, want)
+                assert torch.equal(w.data[0], x) and int(w.seqs[0]) == seq + 1
+            decomm.barrier()
+            W.win_free(name)
+
+
 def test_async_gossip_rejects_global_steps():
     with pytest.raises(TypeError):
         AsyncGossip(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1),

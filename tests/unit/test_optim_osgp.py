@@ -222,6 +222,47 @@ def test_state_dict_with_messages_in_flight_resumes_bitwise():
         plain.optimizers[0].load_state_dict(saved["optimizers"][0])
 
 
+@pytest.mark.parametrize("tau", [1, 2])
+def test_blocked_finish_matches_numpy_osgp(tau, monkeypatch):
+    """The end of an overlapped gossip step (keep P[i, i] x, add the completed message,
+    divide by w) runs block by block over large vectors: shrunk to 8 elements a block,
+    a 37-element model (four whole blocks and a partial one) still follows OSGP."""
+    import decomm.optim._flat as flat
+
+    monkeypatch.setattr(flat, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(flat, "WHOLE_BYTES", 64)
+    assert flat.block_elements(37, 8) == 8
+    rng = np.random.default_rng(7)
+    dim = 37
+    X0 = rng.standard_normal((N, dim)) + np.arange(N)[:, None]
+    B = rng.standard_normal((N, dim)) * 2
+    W = directed_w()
+    lr, steps = 0.1, 12
+    sim = make_sim(Topology.from_matrices(W), X0, lr, overlap=tau)
+    sim.run(loss_fn(B), steps)
+    z, _, w, _ = numpy_osgp(lambda r: uniform_split(W), X0, lambda q: q - B, lr, steps, tau)
+    np.testing.assert_allclose(sim.param_matrix().numpy(), z, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(numerators(sim)[1], w, rtol=0, atol=1e-13)
+
+
+def test_plain_push_sum_on_a_regular_graph_keeps_w_exactly_one():
+    """Without overlap the parameters' buffer is the message ([x | w] mixed in place). On
+    a regular graph every column of the default split sums its in-shares to 1, so w
+    stays exactly 1 (the wrapper then skips x = w z and z = x / w) and z follows SGP."""
+    B, X0 = data(8)
+    topo = RingGraph(N)
+    lr, steps = 0.1, 15
+    sim = make_sim(topo, X0, lr)
+    sim.run(loss_fn(B), steps)
+    P = uniform_split(np.asarray(topo.matrix(0)))
+    z, _, w, _ = numpy_osgp(lambda r: P, X0, lambda q: q - B, lr, steps, 0)
+    assert np.array_equal(w, np.ones(N))
+    assert all(o.push_weights == [1.0] for o in sim.optimizers)
+    np.testing.assert_allclose(sim.param_matrix().numpy(), z, rtol=0, atol=1e-12)
+    o = sim.optimizers[0]
+    assert o._mix_buffers()[0] is o._buckets[0].buffer and o._slots == []
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, "yes", None])
 def test_bad_overlap(bad):
     _, X0 = data()

@@ -120,6 +120,63 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("allgather", &MpiBackend::allgather, py::call_guard<py::gil_scoped_release>())
       .def("barrier", &MpiBackend::barrier, py::call_guard<py::gil_scoped_release>());
 
+  // The fused elementwise update of decomm/optim/_fused.py: outs[i] = sum_j c[i][j] ins[j].
+  m.def(
+      "linear_map_",
+      [](const std::vector<at::Tensor>& outs, const std::vector<std::vector<double>>& c,
+         const std::vector<at::Tensor>& ins) {
+        TORCH_CHECK(!outs.empty() && outs.size() <= static_cast<size_t>(decomm::kMaxLinearMapOutputs),
+                    "linear_map_: 1 to ", decomm::kMaxLinearMapOutputs, " outputs, got ",
+                    outs.size());
+        TORCH_CHECK(!ins.empty() && ins.size() <= static_cast<size_t>(decomm::kMaxLinearMapTerms),
+                    "linear_map_: 1 to ", decomm::kMaxLinearMapTerms, " inputs, got ", ins.size());
+        TORCH_CHECK(c.size() == outs.size(), "linear_map_: ", outs.size(),
+                    " outputs but ", c.size(), " rows of coefficients");
+        const auto& ref = outs[0];
+        const auto t = ref.scalar_type();
+        TORCH_CHECK(decomm::is_supported_float(t), "linear_map_: unsupported dtype ", t);
+        auto check = [&](const at::Tensor& a, const char* what, size_t j) {
+          TORCH_CHECK(a.device().is_cpu() && a.is_contiguous() && a.scalar_type() == t &&
+                          a.numel() == ref.numel(),
+                      "linear_map_: ", what, " ", j, " must be a contiguous CPU tensor of ",
+                      ref.numel(), " elements of dtype ", t, ", got ", a.numel(), " of ",
+                      a.scalar_type(), a.is_contiguous() ? "" : " (not contiguous)",
+                      a.device().is_cpu() ? "" : " (not on the CPU)");
+        };
+        std::vector<void*> po(outs.size());
+        std::vector<const void*> pi(ins.size());
+        std::vector<double> flat;
+        for (size_t i = 0; i < outs.size(); ++i) {
+          check(outs[i], "output", i);
+          TORCH_CHECK(c[i].size() == ins.size(), "linear_map_: row ", i, " has ", c[i].size(),
+                      " coefficients for ", ins.size(), " inputs");
+          flat.insert(flat.end(), c[i].begin(), c[i].end());
+          po[i] = outs[i].data_ptr();
+        }
+        const int64_t nbytes = ref.numel() * static_cast<int64_t>(ref.element_size());
+        for (size_t j = 0; j < ins.size(); ++j) {
+          check(ins[j], "input", j);
+          pi[j] = ins[j].data_ptr();
+        }
+        // an output may be an input exactly, but must not overlap another buffer partly
+        auto overlap = [nbytes](const void* a, const void* b) {
+          const auto* x = static_cast<const char*>(a);
+          const auto* y = static_cast<const char*>(b);
+          return x != y && x < y + nbytes && y < x + nbytes;
+        };
+        for (size_t i = 0; i < po.size() && nbytes > 0; ++i) {
+          for (size_t j = 0; j < pi.size(); ++j)
+            TORCH_CHECK(!overlap(po[i], pi[j]), "linear_map_: output ", i,
+                        " partly overlaps input ", j);
+          for (size_t q = 0; q < i; ++q)
+            TORCH_CHECK(po[i] != po[q] && !overlap(po[i], po[q]), "linear_map_: outputs ", q,
+                        " and ", i, " overlap");
+        }
+        py::gil_scoped_release nogil;
+        decomm::linear_map(po.data(), static_cast<int64_t>(po.size()), pi.data(),
+                           static_cast<int64_t>(pi.size()), flat.data(), ref.numel(), t);
+      });
+
   // Exposed for tests and benchmarks of the kernel alone.
   m.def("weighted_sum", [](const at::Tensor& x, double self_w, const std::vector<at::Tensor>& rs,
                            const std::vector<double>& ws) {

@@ -112,6 +112,84 @@ DECOMM_INLINE void scaled_copy_impl(void* dst_v, const void* src_v, double w, in
   });
 }
 
+// The accumulator is wider than T (float64 for float32), unlike the weighted sum's:
+// updates such as m <- mu m + c (x0 - x) with x0 close to x cancel, and c x0 - c x
+// summed in float32 would lose the difference that the unfused form computed exactly.
+template <typename T>
+using MapAcc = typename MeanAcc<T>::type;
+
+// One output's non-zero terms, in input order.
+template <typename T>
+struct MapTerms {
+  int count = 0;
+  const T* in[kMaxLinearMapTerms];
+  MapAcc<T> w[kMaxLinearMapTerms];
+};
+
+// y[i] = sum_j w_j x_j[i] for i < len, K terms known at compile time so that the
+// loop is one vectorized pass. y may be one of the x_j exactly (an element is read
+// before it is written), hence ivdep: no dependence crosses elements.
+template <typename T, int K, typename Y>
+DECOMM_INLINE void map_terms(Y* y, const MapTerms<T>& t, int64_t s, int64_t len) {
+  using A = MapAcc<T>;
+  const T* x[K];
+  A w[K];
+  for (int j = 0; j < K; ++j) {
+    x[j] = t.in[j] + s;
+    w[j] = t.w[j];
+  }
+#pragma GCC ivdep
+  for (int64_t i = 0; i < len; ++i) {
+    A acc = w[0] * static_cast<A>(x[0][i]);
+    for (int j = 1; j < K; ++j) acc += w[j] * static_cast<A>(x[j][i]);
+    y[i] = static_cast<Y>(acc);
+  }
+}
+
+template <typename T, typename Y>
+DECOMM_INLINE void map_block(Y* y, const MapTerms<T>& t, int64_t s, int64_t len) {
+  switch (t.count) {
+    case 0: std::fill(y, y + len, Y(0)); break;
+    case 1: map_terms<T, 1>(y, t, s, len); break;
+    case 2: map_terms<T, 2>(y, t, s, len); break;
+    case 3: map_terms<T, 3>(y, t, s, len); break;
+    default: map_terms<T, 4>(y, t, s, len); break;
+  }
+}
+
+// One output: written straight through. Several: block by block, every output's
+// block summed into its own accumulator before any output is written, so an output
+// may be an input of another (the update "x, h <- x + h, x").
+constexpr int64_t kMapBlock = 512;
+
+template <typename T>
+DECOMM_INLINE void linear_map_impl(void* const* outs, int64_t m, const void* const* ins,
+                                   int64_t k, const double* c, int64_t n) {
+  using A = MapAcc<T>;
+  MapTerms<T> terms[kMaxLinearMapOutputs];
+  for (int64_t o = 0; o < m; ++o)
+    for (int64_t j = 0; j < k; ++j)
+      if (c[o * k + j] != 0.0) {  // an input this output does not read
+        auto& t = terms[o];
+        t.in[t.count] = static_cast<const T*>(ins[j]);
+        t.w[t.count] = static_cast<A>(c[o * k + j]);
+        ++t.count;
+      }
+  if (m == 1) {
+    map_block<T>(static_cast<T*>(outs[0]), terms[0], 0, n);
+    return;
+  }
+  A acc[kMaxLinearMapOutputs][kMapBlock];
+  for (int64_t s = 0; s < n; s += kMapBlock) {
+    const int64_t len = std::min(kMapBlock, n - s);
+    for (int64_t o = 0; o < m; ++o) map_block<T>(acc[o], terms[o], s, len);
+    for (int64_t o = 0; o < m; ++o) {
+      auto* y = static_cast<T*>(outs[o]) + s;
+      for (int64_t i = 0; i < len; ++i) y[i] = static_cast<T>(acc[o][i]);
+    }
+  }
+}
+
 #define DECOMM_FLOAT_SWITCH(t, CALL)                          \
   switch (t) {                                                \
     case c10::ScalarType::Float: CALL(float); break;          \
@@ -131,6 +209,15 @@ bool is_supported_float(c10::ScalarType t) {
 DECOMM_CLONES void weighted_sum(void* out, const void* x, double w_self, const void* const* rs,
                   const double* ws, int64_t k, int64_t n, c10::ScalarType t) {
 #define CALL(T) fused_impl<T>(out, x, w_self, rs, ws, k, n)
+  DECOMM_FLOAT_SWITCH(t, CALL)
+#undef CALL
+}
+
+DECOMM_CLONES void linear_map(void* const* outs, int64_t m, const void* const* ins, int64_t k,
+                              const double* c, int64_t n, c10::ScalarType t) {
+  if (m < 1 || m > kMaxLinearMapOutputs || k > kMaxLinearMapTerms)
+    throw std::invalid_argument("linear map: 1 to 4 outputs of at most 4 inputs");
+#define CALL(T) linear_map_impl<T>(outs, m, ins, k, c, n)
   DECOMM_FLOAT_SWITCH(t, CALL)
 #undef CALL
 }

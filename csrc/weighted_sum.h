@@ -26,6 +26,17 @@ void mean_sum(void* out, const void* x, const void* const* rs, int64_t k, int64_
 // dst = w * src, both of dtype t (the scaled copy sent to one out-neighbour)
 void scaled_copy(void* dst, const void* src, double w, int64_t n, c10::ScalarType t);
 
+// outs[i] = sum_{j<k} c[i*k + j] * ins[j] for i < m (1 <= m <= kMaxLinearMapOutputs,
+// k <= kMaxLinearMapTerms),
+// all of dtype t and n elements, in one pass: each input and output is touched once.
+// Sums run in a fixed order in the accumulator type and are rounded once. An output
+// may be one of the inputs (the same memory exactly); zero coefficients are skipped.
+// For updates that torch would run as several passes over model-sized buffers.
+constexpr int64_t kMaxLinearMapOutputs = 4;
+constexpr int64_t kMaxLinearMapTerms = 4;
+void linear_map(void* const* outs, int64_t m, const void* const* ins, int64_t k, const double* c,
+                int64_t n, c10::ScalarType t);
+
 bool is_supported_float(c10::ScalarType t);
 
 }  // namespace decomm

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ._base import DecentralizedOptimizer, Mix
+from ._fused import linear_map_
 from .comm import Communicator
 
 __all__ = ["D2", "min_eigenvalue"]
@@ -79,9 +80,9 @@ class D2(DecentralizedOptimizer):
 
     Implementation: one flat state vector ``h^t = x^{t−1} − u^{t−1}`` (``h^0 = x^0``)
     per dtype.  Local phase: ``h ← x − h`` (``= x^t − x^{t−1} + u^{t−1}``), inner
-    step (``x ← x − u``), ``x ← x + h``, ``h ← x − h`` (``= x^t − u^t``, the next
-    ``h``); the parameters, now ``2x^t − x^{t−1} − u^t + u^{t−1}``, are mixed in
-    place.  Local steps (``communicate_every > 1``) use ``W = I``.
+    step (``x ← x − u``), then one fused pass ``x, h ← x + h, x`` (the next ``h`` is
+    ``x^t − u^t`` exactly); the parameters, now ``2x^t − x^{t−1} − u^t + u^{t−1}``,
+    are mixed in place.  Local steps (``communicate_every > 1``) use ``W = I``.
     """
 
     def __init__(
@@ -164,10 +165,16 @@ class D2(DecentralizedOptimizer):
                 h.zero_()  # h^0 = x^0: no correction in the first step
         self._started = True
         self._inner_step()  # x ← x^t − u^t
-        for h, b in zip(self._h, self._buckets):
-            x = b.flat
-            x.add_(h)  # 2x^t − x^{t−1} − u^t + u^{t−1}: the message
-            torch.sub(x, h, out=h)  # next h = x^t − u^t
+        for k, (h, b) in enumerate(zip(self._h, self._buckets)):
+            # one pass: x ← x + h (2x^t − x^{t−1} − u^t + u^{t−1}, the message) and
+            # h ← x (x^t − u^t, kept for the next step), plus what a subclass keeps
+            outs, rows = self._message_outputs(k)
+            linear_map_([b.flat, h, *outs], [[1.0, 1.0], [1.0, 0.0], *rows], [b.flat, h])
+
+    def _message_outputs(self, k: int) -> tuple[list[Tensor], list[list[float]]]:
+        """Further buffers the message pass of bucket ``k`` writes: each row gives
+        its coefficients on (x^t − u^t, h) (ExactDiffusion keeps a copy of the message)."""
+        return [], []
 
     def _finish_phase(self, mix: Mix) -> None:
         pass

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import Mix, topology_name
+from ._fused import linear_map_
 from .comm import Communicator
 from .d2 import D2, min_eigenvalue
 
@@ -65,6 +66,7 @@ class ExactDiffusion(D2):
         communicator: Communicator | None = None,
     ) -> None:
         self._phi: list[Tensor] = []
+        self._keep_message = False
         super().__init__(
             optimizer,
             communicate_every=communicate_every,
@@ -111,12 +113,16 @@ class ExactDiffusion(D2):
             )
 
     def _local_phase(self, mix: Mix) -> None:
-        super()._local_phase(mix)  # the parameters now hold φ (D²'s message)
-        if mix is Mix.NEIGHBOR:
-            for s, b in zip(self._phi, self._buckets):
-                s.copy_(b.flat)
+        self._keep_message = mix is Mix.NEIGHBOR
+        super()._local_phase(mix)  # the parameters now hold φ (D²'s message), kept in _phi
+
+    def _message_outputs(self, k: int) -> tuple[list[Tensor], list[list[float]]]:
+        if not self._keep_message:
+            return [], []
+        return [self._phi[k]], [[1.0, 1.0]]  # φ, written in D²'s message pass
 
     def _finish_phase(self, mix: Mix) -> None:
         if mix is Mix.NEIGHBOR:
             for s, b in zip(self._phi, self._buckets):
-                b.flat.add_(s).mul_(0.5)  # W̄ φ = (W φ + φ)/2
+                x = b.flat  # W̄ φ = (W φ + φ)/2, one pass (halving is exact)
+                linear_map_([x], [[0.5, 0.5]], [x, s])

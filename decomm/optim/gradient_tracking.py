@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import DecentralizedOptimizer, Mix
+from ._fused import linear_map_
 from .comm import Communicator
 
 __all__ = ["GradientTracking"]
@@ -100,8 +101,8 @@ class GradientTracking(DecentralizedOptimizer):
                     grads.append(p.grad)
                 torch._foreach_copy_(self._views[id(g_new)], grads)
                 y = b.segment(1)
-                if self._initialized:
-                    y.add_(g_new).sub_(g_old)  # y^t = W y^{t-1} + g^t − g^{t-1}
+                if self._initialized:  # y^t = W y^{t-1} + g^t − g^{t-1}, one pass
+                    linear_map_([y], [[1.0, 1.0, -1.0]], [y, g_new, g_old])
                 else:
                     y.copy_(g_new)  # y^0 = g^0
                 # feed y to the inner optimizer: point .grad at the tracker (no copy)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import DecentralizedOptimizer, Mix
+from ._fused import linear_map_
 from .comm import Communicator
 
 __all__ = ["QGDSGDm"]
@@ -105,12 +106,13 @@ class QGDSGDm(DecentralizedOptimizer):
         mu = self.mu
         groups = self.optimizer.param_groups
         for b, m, x0 in zip(self._buckets, self._m, self._x0):
-            x0.sub_(b.flat)  # η d = x^t − x^{t+1}
+            x = b.flat
             for gi, lo, hi in b.group_ranges:
+                # m̂ ← μ m̂ + (1 − μ) (x^t − x^{t+1}) / η in one pass (the kernel's wider
+                # accumulator keeps the difference of the two close iterates exact)
                 lr = float(groups[gi]["lr"])
-                m[lo:hi].mul_(mu)
-                if lr != 0.0:
-                    m[lo:hi].add_(x0[lo:hi], alpha=(1.0 - mu) / lr)
+                c = (1.0 - mu) / lr if lr != 0.0 else 0.0
+                linear_map_([m[lo:hi]], [[mu, c, -c]], [m[lo:hi], x0[lo:hi], x[lo:hi]])
 
     def _state_tensors(self) -> dict[str, list[Tensor]]:
         return {"momentum": self._m}

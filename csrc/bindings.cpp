@@ -1,5 +1,6 @@
 // Python bindings of the decomm C++ core (module decomm._C).
 #include "mpi_backend.h"
+#include "ops/internal.h"
 #include "py_errors.h"
 #include "weighted_sum.h"
 
@@ -177,22 +178,51 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            static_cast<int64_t>(pi.size()), flat.data(), ref.numel(), t);
       });
 
-  // Exposed for tests and benchmarks of the kernel alone.
-  m.def("weighted_sum", [](const at::Tensor& x, double self_w, const std::vector<at::Tensor>& rs,
-                           const std::vector<double>& ws) {
-    TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
-    const auto t = x.scalar_type();
-    TORCH_CHECK(decomm::is_supported_float(t), "unsupported dtype");
-    std::vector<const void*> ptrs(rs.size());
-    for (size_t j = 0; j < rs.size(); ++j) {
-      TORCH_CHECK(rs[j].is_contiguous() && rs[j].scalar_type() == t && rs[j].numel() == x.numel(),
-                  "neighbour tensor ", j, " must match x");
-      ptrs[j] = rs[j].data_ptr();
-    }
-    TORCH_CHECK(ws.size() == rs.size(), "one weight per neighbour tensor");
-    at::Tensor out = at::empty_like(x);
-    decomm::weighted_sum(out.data_ptr(), x.data_ptr(), self_w, ptrs.data(), ws.data(),
-                         static_cast<int64_t>(ptrs.size()), x.numel(), t);
-    return out;
-  });
+  // The scratch-buffer pool, for tests: what it caches, and its byte limit.
+  m.def("pool_sizes", &decomm::detail::pool_sizes);
+  m.def("pool_limit", &decomm::detail::pool_limit);
+  m.def("set_pool_limit", &decomm::detail::set_pool_limit);
+  m.def("pool_get", &decomm::detail::pool_get);
+  m.def("pool_put", &decomm::detail::pool_put);
+
+  // The weighted sum alone: win_update's mix (into the window's exposed slot with
+  // `out`), and tests and benchmarks of the kernel.
+  m.def(
+      "weighted_sum",
+      [](const at::Tensor& x, double self_w, const std::vector<at::Tensor>& rs,
+         const std::vector<double>& ws, std::optional<at::Tensor> out) {
+        TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU tensor");
+        const auto t = x.scalar_type();
+        TORCH_CHECK(decomm::is_supported_float(t), "unsupported dtype");
+        std::vector<const void*> ptrs(rs.size());
+        for (size_t j = 0; j < rs.size(); ++j) {
+          TORCH_CHECK(rs[j].is_contiguous() && rs[j].scalar_type() == t &&
+                          rs[j].numel() == x.numel() && rs[j].device().is_cpu(),
+                      "neighbour tensor ", j, " must match x");
+          ptrs[j] = rs[j].data_ptr();
+        }
+        TORCH_CHECK(ws.size() == rs.size(), "one weight per neighbour tensor");
+        at::Tensor y = out.has_value() ? *out : at::empty_like(x);
+        if (out.has_value()) {
+          TORCH_CHECK(y.is_contiguous() && y.device().is_cpu() && y.scalar_type() == t &&
+                          y.numel() == x.numel(),
+                      "out must be a contiguous CPU tensor like x");
+          // out may be x itself (blockwise: read before written) but no other input
+          const auto nb = static_cast<int64_t>(x.numel() * x.element_size());
+          auto overlaps = [nb](const void* a, const void* b) {
+            const auto* p = static_cast<const char*>(a);
+            const auto* q = static_cast<const char*>(b);
+            return nb > 0 && p < q + nb && q < p + nb;
+          };
+          TORCH_CHECK(y.data_ptr() == x.data_ptr() || !overlaps(y.data_ptr(), x.data_ptr()),
+                      "out partly overlaps x");
+          for (size_t j = 0; j < rs.size(); ++j)
+            TORCH_CHECK(!overlaps(y.data_ptr(), ptrs[j]), "out overlaps neighbour tensor ", j);
+        }
+        py::gil_scoped_release nogil;
+        decomm::weighted_sum(y.data_ptr(), x.data_ptr(), self_w, ptrs.data(), ws.data(),
+                             static_cast<int64_t>(ptrs.size()), x.numel(), t);
+        return y;
+      },
+      py::arg("x"), py::arg("self_w"), py::arg("rs"), py::arg("ws"), py::arg("out") = py::none());
 }

@@ -66,7 +66,12 @@ std::string join_ranks(const std::vector<int64_t>& v) {
 namespace {
 
 // Scratch buffers are reused across calls: training repeats the same sizes
-// every step, and fresh large allocations pay page faults on every call.
+// every step, and fresh large allocations pay page faults on every call (a fresh
+// 100 MB buffer measured ~72 ms, against ~10 ms for a pass over it). The pool holds
+// at most limit() bytes; a buffer that does not fit evicts the least recently
+// returned ones, so the sizes in use now stay cached whatever ran before (a full
+// pool that kept its first sizes forever made a 25M-parameter PushSum step fault
+// 49k pages).
 class BufferPool {
  public:
   at::Tensor get(int64_t nbytes) {
@@ -74,7 +79,7 @@ class BufferPool {
       std::lock_guard<std::mutex> lk(mu_);
       auto it = free_.find(nbytes);
       if (it != free_.end()) {
-        at::Tensor t = it->second;
+        at::Tensor t = std::move(it->second.tensor);
         free_.erase(it);
         cached_ -= nbytes;
         return t;
@@ -84,16 +89,46 @@ class BufferPool {
   }
   void put(at::Tensor t, int64_t nbytes) {
     std::lock_guard<std::mutex> lk(mu_);
-    if (cached_ + nbytes > kMaxCached) return;
+    if (nbytes > limit_) return;
+    while (cached_ + nbytes > limit_) {
+      auto oldest = free_.begin();
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->second.stamp < oldest->second.stamp) oldest = it;
+      cached_ -= oldest->first;
+      free_.erase(oldest);
+    }
     cached_ += nbytes;
-    free_.emplace(nbytes, std::move(t));
+    free_.emplace(nbytes, Entry{std::move(t), ++clock_});
+  }
+  std::vector<int64_t> sizes() {
+    std::lock_guard<std::mutex> lk(mu_);
+    std::vector<int64_t> out;
+    for (const auto& e : free_) out.push_back(e.first);
+    return out;
+  }
+  int64_t limit() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return limit_;
+  }
+  void set_limit(int64_t bytes) {
+    std::lock_guard<std::mutex> lk(mu_);
+    limit_ = std::max<int64_t>(bytes, 0);
+    while (cached_ > limit_) {
+      cached_ -= free_.begin()->first;
+      free_.erase(free_.begin());
+    }
   }
 
  private:
-  static constexpr int64_t kMaxCached = int64_t(1) << 30;
+  struct Entry {
+    at::Tensor tensor;
+    uint64_t stamp;  // when it was returned: the smallest is evicted first
+  };
   std::mutex mu_;
-  std::multimap<int64_t, at::Tensor> free_;
+  std::multimap<int64_t, Entry> free_;
   int64_t cached_ = 0;
+  int64_t limit_ = int64_t(1) << 30;
+  uint64_t clock_ = 0;
 };
 
 BufferPool& pool() {
@@ -105,6 +140,9 @@ BufferPool& pool() {
 
 at::Tensor pool_get(int64_t nbytes) { return pool().get(nbytes); }
 void pool_put(at::Tensor t, int64_t nbytes) { pool().put(std::move(t), nbytes); }
+std::vector<int64_t> pool_sizes() { return pool().sizes(); }
+int64_t pool_limit() { return pool().limit(); }
+void set_pool_limit(int64_t bytes) { pool().set_limit(bytes); }
 
 }  // namespace detail
 

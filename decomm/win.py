@@ -538,10 +538,13 @@ def win_update(name: str, *, self_weight: float | None = None,
         w.win.Lock(w.rank, MPI.LOCK_EXCLUSIVE)
         try:
             with timeline.phase("reduce", neighbors=len(order)):
+                # Not cloning, the sum goes straight into the exposed slot (no new
+                # model-sized tensor per call, no copy into the slot).
+                into = None if clone else w.data[0]
                 if w.numel:
                     out = _C.weighted_sum(x.contiguous(), float(sw),
                                           [w.data[w.slot_of[j]] for j in order],
-                                          [float(nb[j]) for j in order])
+                                          [float(nb[j]) for j in order], into)
                 else:
                     out = x.clone()
             if reset:
@@ -549,7 +552,8 @@ def win_update(name: str, *, self_weight: float | None = None,
                     w.data[w.slot_of[j]].zero_()
             if not clone:
                 w.exposed += 1
-                w.data[0].copy_(out)
+                if out is not into:
+                    w.data[0].copy_(out)
                 w.seqs[0].fill_(w.exposed)
         finally:
             w.win.Unlock(w.rank)

@@ -70,9 +70,13 @@ std::string join_ranks(const std::vector<int64_t>& v);
 // Scratch buffers are reused across calls: training repeats the same sizes
 // every step, and fresh large allocations pay page faults on every call.
 // get() returns a byte tensor of at least max(nbytes, 1) bytes; put() hands it
-// back under the same size (dropped once the pool holds 1 GiB).
+// back under the same size. The pool holds at most pool_limit() bytes (1 GiB),
+// evicting the least recently returned buffers first.
 at::Tensor pool_get(int64_t nbytes);
 void pool_put(at::Tensor t, int64_t nbytes);
+std::vector<int64_t> pool_sizes();  // the cached buffers' sizes, ascending
+int64_t pool_limit();
+void set_pool_limit(int64_t bytes);
 
 }  // namespace detail
 

@@ -60,3 +60,23 @@ def test_same_bits_for_any_thread_count():
 def test_no_neighbours_is_a_scaled_copy():
     x = torch.arange(5, dtype=torch.float64)
     assert torch.equal(_C.weighted_sum(x, 1.0, [], []), x)
+
+
+def test_out_argument_writes_in_place_and_refuses_overlap():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5000, generator=g)
+    rs = [torch.randn(5000, generator=g) for _ in range(2)]
+    want = numpy_reference(x, 0.5, rs, [0.25, 0.25], np.float32)
+    out = torch.empty(5000)
+    assert _C.weighted_sum(x, 0.5, rs, [0.25, 0.25], out) is not None
+    assert torch.equal(out, want)
+    y = x.clone()
+    _C.weighted_sum(y, 0.5, rs, [0.25, 0.25], y)  # out may be x itself
+    assert torch.equal(y, want)
+    buf = torch.zeros(10_000)
+    with pytest.raises(RuntimeError, match="out overlaps neighbour tensor 1"):
+        _C.weighted_sum(x, 0.5, [rs[0], buf[2500:7500]], [0.25, 0.25], buf[4000:9000])
+    with pytest.raises(RuntimeError, match="out partly overlaps x"):
+        _C.weighted_sum(buf[:5000], 0.5, rs, [0.25, 0.25], buf[4000:9000])
+    with pytest.raises(RuntimeError, match="out must be a contiguous CPU tensor like x"):
+        _C.weighted_sum(x, 0.5, rs, [0.25, 0.25], torch.empty(4999))

@@ -83,6 +83,7 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_UPDATE_BLOCK_BYTES = 1 << 20  # win_update's in-place blocks: a few of them fit in cache
 
 
 @dataclass
@@ -532,35 +533,49 @@ def win_update(name: str, *, self_weight: float | None = None,
         sw = _weight(self_weight, "self_weight", "win_update", w)
         nb = _ranks_map(neighbor_weights, "neighbor_weights", "win_update", w, w.slot_of, "in")
     order = sorted(nb)
+    slots = [w.data[w.slot_of[j]] for j in order]
+    weights = [float(nb[j]) for j in order]
     MPI = _mpi()
     with w.lock:
+        # Into the registered tensor itself when it is contiguous: block by block, each
+        # block summed in place and copied into the exposed slot while in cache, so a
+        # model-sized window costs one pass and no new tensor per call.
+        in_place = not clone and w.numel > 0 and w.tensor.is_contiguous()
         x = w.tensor.detach().reshape(-1)
         w.win.Lock(w.rank, MPI.LOCK_EXCLUSIVE)
         try:
             with timeline.phase("reduce", neighbors=len(order)):
-                # Not cloning, the sum goes straight into the exposed slot (no new
-                # model-sized tensor per call, no copy into the slot).
-                into = None if clone else w.data[0]
-                if w.numel:
-                    out = _C.weighted_sum(x.contiguous(), float(sw),
-                                          [w.data[w.slot_of[j]] for j in order],
-                                          [float(nb[j]) for j in order], into)
+                if in_place:
+                    step = max(1, _UPDATE_BLOCK_BYTES // x.element_size())
+                    own = w.data[0]
+                    for lo in range(0, w.numel, step):
+                        hi = min(lo + step, w.numel)
+                        xs = x[lo:hi]
+                        _C.weighted_sum(xs, float(sw), [d[lo:hi] for d in slots], weights, xs)
+                        own[lo:hi].copy_(xs)
+                    out = x
+                elif w.numel:
+                    out = _C.weighted_sum(x.contiguous(), float(sw), slots, weights,
+                                          None if clone else w.data[0])
                 else:
                     out = x.clone()
             if reset:
-                for j in order:
-                    w.data[w.slot_of[j]].zero_()
+                for d in slots:
+                    d.zero_()
             if not clone:
                 w.exposed += 1
-                if out is not into:
+                if not in_place and out.data_ptr() != w.data[0].data_ptr():
                     w.data[0].copy_(out)
                 w.seqs[0].fill_(w.exposed)
         finally:
             w.win.Unlock(w.rank)
         if clone:
             return out.view(w.shape)
-        with torch.no_grad():
-            w.tensor.copy_(out.view(w.shape))
+        if in_place:
+            torch.autograd.graph.increment_version(w.tensor)  # written in place, as torch ops do
+        else:
+            with torch.no_grad():
+                w.tensor.copy_(out.view(w.shape))
     return w.tensor
 
 

@@ -8,67 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from decomm import timeline
 from decomm.errors import DecommError
 
 from ._base import DecentralizedOptimizer, Mix
-from ._flat import block_elements
 from .comm import MPICommunicator, OwnRoundCounter, PendingExchange
 
 __all__ = ["AsyncGossip"]
 
 _counter = itertools.count()  # window names: every rank creates wrappers in the same order
-#: dtypes whose weighted sum torch ops reproduce exactly (the C++ kernel accumulates in
-#: the dtype itself; half precision it sums in float32 and rounds once)
-_IN_PLACE_DTYPES = (torch.float32, torch.float64)
-
-
-@timeline.traced("win_update", phases=False)
-def _win_update_in_place(name: str, self_weight: float, neighbor_weights: dict[int, float],
-                         scratch: Tensor) -> Tensor:
-    """``decomm.win.win_update(name, self_weight=..., neighbor_weights=...)``, computed in
-    the registered tensor itself.
-
-    ``win_update`` sums into a new tensor, then copies it into this rank's own slot and
-    into the registered tensor: for a model-sized window a fresh allocation (page faults
-    on every page) and two more passes over memory per step. Here the same products and
-    sums, in the same order (``W[i, i] x``, then ``+ W[i, j] slot_j`` for ``j``
-    ascending, each rounded in the dtype as the kernel does), run block by block in
-    place, each block copied into the own slot while in cache, under the same locks and
-    with the same version bump. ``scratch``: at least one block of the window's dtype.
-    """
-    from decomm import win
-
-    w = win._get(name, "win_update")
-    order = sorted(neighbor_weights)
-    slots = [(w.data[w.slot_of[j]], float(neighbor_weights[j])) for j in order]
-    sw = float(self_weight)
-    MPI = win._mpi()
-    with w.lock:
-        x = w.tensor.detach().view(-1)
-        own = w.data[0]
-        w.win.Lock(w.rank, MPI.LOCK_EXCLUSIVE)  # no put lands in a slot while it is read
-        try:
-            with timeline.phase("reduce", neighbors=len(order)):
-                step = block_elements(w.numel, x.element_size())
-                for s in range(0, w.numel, step):
-                    e = min(s + step, w.numel)
-                    xs = x[s:e]
-                    if sw != 1.0:
-                        xs.mul_(sw)
-                    for data, wt in slots:
-                        if wt == 1.0:
-                            xs.add_(data[s:e])
-                        else:
-                            tmp = scratch[: e - s]
-                            torch.mul(data[s:e], wt, out=tmp)
-                            xs.add_(tmp)
-                    own[s:e].copy_(xs)
-            w.exposed += 1
-            w.seqs[0].fill_(w.exposed)
-        finally:
-            w.win.Unlock(w.rank)
-    return w.tensor
 
 
 class _WinCommunicator(OwnRoundCounter):
@@ -84,7 +31,6 @@ class _WinCommunicator(OwnRoundCounter):
         self._inner = inner
         self._round = 0
         self._names: dict[int, str] = {}  # id(buffer) -> window name
-        self._scratch: dict[torch.dtype, Tensor] = {}  # one block per dtype, for the mix
 
     def rank(self) -> int:
         return self._inner.rank()
@@ -117,13 +63,7 @@ class _WinCommunicator(OwnRoundCounter):
         topo, r, t = w.topology, self.rank(), self._round
         sw, nb = topo.weights(r, t)
         win.win_put(tensor, wname, dst_weights={j: 1.0 for j in topo.out_neighbors(r, t)})
-        if tensor.dtype not in _IN_PLACE_DTYPES or not set(nb) <= set(w.slot_of):
-            return win.win_update(wname, self_weight=sw, neighbor_weights=nb)
-        need = block_elements(w.numel, tensor.element_size())
-        scratch = self._scratch.get(tensor.dtype)
-        if scratch is None or scratch.numel() < need:
-            scratch = self._scratch[tensor.dtype] = torch.empty(need, dtype=tensor.dtype)
-        return _win_update_in_place(wname, sw, nb, scratch)
+        return win.win_update(wname, self_weight=sw, neighbor_weights=nb)
 
     def neighbor_allreduce_nonblocking_(
         self, tensor: Tensor, name: str | None = None
@@ -165,10 +105,9 @@ class AsyncGossip(DecentralizedOptimizer):
     towards their data - use it where waiting for stragglers costs more than that.
 
     Cost per step beyond the inner step: the put (``x`` copied into this rank's own
-    slot, then written into the out-neighbours' windows) and the mix, computed in place
-    in the parameters' flat buffer block by block (float32 and float64: the same
-    numbers as ``decomm.win.win_update``, without its new model-sized tensor per call;
-    other dtypes go through ``win_update``).
+    slot, then written into the out-neighbours' windows) and the mix, which
+    :func:`decomm.win.win_update` computes in the parameters' flat buffer itself,
+    block by block (no new model-sized tensor per step).
 
     Construction and :meth:`close` are collective (they create / free one MPI
     window per dtype bucket); :meth:`step` is not. ``global_every`` is not

@@ -487,21 +487,20 @@ def test_async_gossip_averages_and_trains_with_uneven_speeds():
     opt.close()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_async_gossip_mix_in_place_is_win_update_bitwise(dtype, monkeypatch):
-    """AsyncGossip mixes its window in place (no new tensor per step): the registered
-    tensor, this rank's own slot and its version must end exactly as after
-    ``win_update`` with the same weights, whole and in blocks (shrunk to 16 elements)."""
-    import decomm.optim._flat as flat
-    from decomm.optim.async_gossip import _win_update_in_place
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+def test_win_update_in_place_is_the_cloned_result_bitwise(dtype, monkeypatch):
+    """win_update sums into the registered tensor block by block (no new tensor per
+    call, as AsyncGossip's step calls it): the tensor, this rank's own slot, its
+    sequence number and the version counter must end exactly as the cloned result
+    says, whole and in blocks (shrunk to 16 elements)."""
     n, r = decomm.size(), decomm.rank()
     decomm.set_topology(T.ExponentialGraph(n) if n > 3 else T.RingGraph(n))
     g = torch.Generator().manual_seed(10 + r)
     for whole in (True, False):
         if not whole:
-            monkeypatch.setattr(flat, "BLOCK_BYTES", 16 * torch.empty((), dtype=dtype).itemsize)
-            monkeypatch.setattr(flat, "WHOLE_BYTES", 0)
+            itemsize = torch.empty((), dtype=dtype).itemsize
+            monkeypatch.setattr(W, "_UPDATE_BLOCK_BYTES", 16 * itemsize)
         for numel in (0, 1, 1001):
             x = (torch.randn(numel, generator=g) * 10).to(dtype)
             name = f"inplace.{whole}.{numel}"
@@ -515,10 +514,11 @@ def test_async_gossip_mix_in_place_is_win_update_bitwise(dtype, monkeypatch):
                            (1.0, dict.fromkeys(ins, 1.0)), (0.0, dict.fromkeys(ins, 0.5))]:
                 want = W.win_update(name, self_weight=sw, neighbor_weights=nb, clone=True)
                 w = W._windows[name]
-                seq = int(w.seqs[0])
-                out = _win_update_in_place(name, sw, nb, torch.empty(max(numel, 1), dtype=dtype))
+                seq, version = int(w.seqs[0]), x._version
+                out = W.win_update(name, self_weight=sw, neighbor_weights=nb)
                 assert out is x and torch.equal(x, want)
                 assert torch.equal(w.data[0], x) and int(w.seqs[0]) == seq + 1
+                assert x._version > version
             decomm.barrier()
             W.win_free(name)
 

@@ -301,12 +301,12 @@ def write_markdown(rows: dict[int, dict[str, dict[str, Any]]], p: int) -> str:
         "`neighbor_allreduce` borrows one receive buffer of the message size per "
         "in-neighbour, plus one sender-scaled copy per out-neighbour whose weight is not "
         "1 (push-sum's `dst_weights`); when the op finishes they go back to a process-"
-        "wide pool keyed by byte size, which keeps them as long as the pool holds at most "
-        "1 GiB (beyond that they are freed). So after the first exchange a rank keeps "
+        "wide pool keyed by byte size, which holds at most 1 GiB and evicts the least "
+        "recently returned buffers to make room. So after the first exchange a rank keeps "
         "about (in-degree + scaled out-neighbours) × message bytes, per distinct message "
         "size and per exchange in flight at once (PushSum overlap τ: τ + 1) - the growth "
-        "of *allocated* from np2 to np4 (one more in-neighbour) shows it. The pool is "
-        "never shrunk; messages ≤ 64 KiB use the same pool.",
+        "of *allocated* from np2 to np4 (one more in-neighbour) shows it. Messages ≤ 64 "
+        "KiB use the same pool (as [header | payload] staging buffers, sent ones too).",
         "* Module buffers (`buffers=model`) add one flat copy of the floating-point "
         "buffers per dtype (BatchNorm: two vectors per layer, negligible next to P) and "
         "the same pool buffers for their message size.",

@@ -27,6 +27,49 @@ struct RoundPeers {
 
 }  // namespace
 
+namespace {
+
+// The checked operands of the standalone sums: contiguous CPU tensors of one
+// dtype and size; out (or a new tensor) may be x itself but overlap nothing else.
+struct SumOperands {
+  at::Tensor y;
+  std::vector<const void*> ptrs;
+};
+
+SumOperands sum_operands(const at::Tensor& x, const std::vector<at::Tensor>& rs,
+                         const std::optional<at::Tensor>& out) {
+  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU tensor");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(decomm::is_supported_float(t), "unsupported dtype");
+  std::vector<const void*> ptrs(rs.size());
+  for (size_t j = 0; j < rs.size(); ++j) {
+    TORCH_CHECK(rs[j].is_contiguous() && rs[j].scalar_type() == t &&
+                    rs[j].numel() == x.numel() && rs[j].device().is_cpu(),
+                "neighbour tensor ", j, " must match x");
+    ptrs[j] = rs[j].data_ptr();
+  }
+  at::Tensor y = out.has_value() ? *out : at::empty_like(x);
+  if (out.has_value()) {
+    TORCH_CHECK(y.is_contiguous() && y.device().is_cpu() && y.scalar_type() == t &&
+                    y.numel() == x.numel(),
+                "out must be a contiguous CPU tensor like x");
+    // out may be x itself (each element is read before it is written) but no other input
+    const auto nb = static_cast<int64_t>(x.numel() * x.element_size());
+    auto overlaps = [nb](const void* a, const void* b) {
+      const auto* p = static_cast<const char*>(a);
+      const auto* q = static_cast<const char*>(b);
+      return nb > 0 && p < q + nb && q < p + nb;
+    };
+    TORCH_CHECK(y.data_ptr() == x.data_ptr() || !overlaps(y.data_ptr(), x.data_ptr()),
+                "out partly overlaps x");
+    for (size_t j = 0; j < rs.size(); ++j)
+      TORCH_CHECK(!overlaps(y.data_ptr(), ptrs[j]), "out overlaps neighbour tensor ", j);
+  }
+  return {y, std::move(ptrs)};
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "decomm C++ core: MPI neighbour ops and collectives, fused weighted sums";
 
@@ -191,38 +234,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "weighted_sum",
       [](const at::Tensor& x, double self_w, const std::vector<at::Tensor>& rs,
          const std::vector<double>& ws, std::optional<at::Tensor> out) {
-        TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU tensor");
-        const auto t = x.scalar_type();
-        TORCH_CHECK(decomm::is_supported_float(t), "unsupported dtype");
-        std::vector<const void*> ptrs(rs.size());
-        for (size_t j = 0; j < rs.size(); ++j) {
-          TORCH_CHECK(rs[j].is_contiguous() && rs[j].scalar_type() == t &&
-                          rs[j].numel() == x.numel() && rs[j].device().is_cpu(),
-                      "neighbour tensor ", j, " must match x");
-          ptrs[j] = rs[j].data_ptr();
-        }
         TORCH_CHECK(ws.size() == rs.size(), "one weight per neighbour tensor");
-        at::Tensor y = out.has_value() ? *out : at::empty_like(x);
-        if (out.has_value()) {
-          TORCH_CHECK(y.is_contiguous() && y.device().is_cpu() && y.scalar_type() == t &&
-                          y.numel() == x.numel(),
-                      "out must be a contiguous CPU tensor like x");
-          // out may be x itself (blockwise: read before written) but no other input
-          const auto nb = static_cast<int64_t>(x.numel() * x.element_size());
-          auto overlaps = [nb](const void* a, const void* b) {
-            const auto* p = static_cast<const char*>(a);
-            const auto* q = static_cast<const char*>(b);
-            return nb > 0 && p < q + nb && q < p + nb;
-          };
-          TORCH_CHECK(y.data_ptr() == x.data_ptr() || !overlaps(y.data_ptr(), x.data_ptr()),
-                      "out partly overlaps x");
-          for (size_t j = 0; j < rs.size(); ++j)
-            TORCH_CHECK(!overlaps(y.data_ptr(), ptrs[j]), "out overlaps neighbour tensor ", j);
-        }
+        SumOperands a = sum_operands(x, rs, out);
         py::gil_scoped_release nogil;
-        decomm::weighted_sum(y.data_ptr(), x.data_ptr(), self_w, ptrs.data(), ws.data(),
-                             static_cast<int64_t>(ptrs.size()), x.numel(), t);
-        return y;
+        decomm::weighted_sum(a.y.data_ptr(), x.data_ptr(), self_w, a.ptrs.data(), ws.data(),
+                             static_cast<int64_t>(a.ptrs.size()), x.numel(), x.scalar_type());
+        return a.y;
       },
       py::arg("x"), py::arg("self_w"), py::arg("rs"), py::arg("ws"), py::arg("out") = py::none());
+  // The uniform mean (x + sum rs) / (len(rs) + 1) that neighbor_allreduce takes when
+  // every weight is 1/m, for tests of the kernel.
+  m.def(
+      "mean_sum",
+      [](const at::Tensor& x, const std::vector<at::Tensor>& rs, std::optional<at::Tensor> out) {
+        TORCH_CHECK(!rs.empty(), "at least one neighbour tensor");
+        SumOperands a = sum_operands(x, rs, out);
+        py::gil_scoped_release nogil;
+        decomm::mean_sum(a.y.data_ptr(), x.data_ptr(), a.ptrs.data(),
+                         static_cast<int64_t>(a.ptrs.size()), x.numel(), x.scalar_type());
+        return a.y;
+      },
+      py::arg("x"), py::arg("rs"), py::arg("out") = py::none());
 }

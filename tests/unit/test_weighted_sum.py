@@ -2,7 +2,11 @@
 
 out = w0*x + w1*r1 + w2*r2 ..., accumulated left to right in float32 (float64 for
 float64 inputs) and rounded once at the end: numpy evaluates exactly that order, so
-the results must be bitwise equal, whatever the number of threads (chunking).
+the results must be bitwise equal, whatever the number of threads (chunking) and
+whether the term count takes the one-pass kernel (up to 8 neighbours) or the blocked one.
+
+The uniform mean (x + r1 + ... + rk) / (k + 1) sums exactly in float64 for float32
+(float32 for float16/bfloat16) and scales once by 1/(k + 1); float64 divides by k + 1.
 """
 
 from __future__ import annotations
@@ -39,6 +43,59 @@ def test_bitwise_equal_to_numpy(dtype, acc, n):
     want = numpy_reference(x, 0.4, rs, ws, acc)
     assert got.dtype == dtype and got.shape == x.shape
     assert torch.equal(got.view(torch.uint8) if n else got, want.view(torch.uint8) if n else want)
+
+
+@pytest.mark.parametrize("dtype,acc", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4, 5, 8, 9, 12])
+def test_bitwise_equal_to_numpy_for_every_neighbour_count(dtype, acc, k):
+    n = 4099  # not a multiple of any vector width or of the blocked kernel's block
+    g = torch.Generator().manual_seed(100 + k)
+    x = torch.randn(n, generator=g).to(dtype)
+    rs = [torch.randn(n, generator=g).to(dtype) for _ in range(k)]
+    ws = [0.5 / (j + 1) for j in range(k)]
+    want = numpy_reference(x, 0.3, rs, ws, acc)
+    assert torch.equal(_C.weighted_sum(x, 0.3, rs, ws).view(torch.uint8), want.view(torch.uint8))
+    y = x.clone()
+    _C.weighted_sum(y, 0.3, rs, ws, y)
+    assert torch.equal(y.view(torch.uint8), want.view(torch.uint8))
+
+
+def mean_reference(x: torch.Tensor, rs: list[torch.Tensor]) -> torch.Tensor:
+    wide = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
+    acc = {torch.float64: np.float64, torch.float32: np.float32}[wide]
+    total = x.to(wide).numpy().copy()
+    for r in rs:
+        total = total + r.to(wide).numpy()
+    m = len(rs) + 1
+    mean = total / acc(m) if x.dtype == torch.float64 else total * (acc(1) / acc(m))
+    return torch.from_numpy(mean).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [c[0] for c in CASES], ids=str)
+@pytest.mark.parametrize("k", [1, 2, 4, 7, 8, 9, 11])
+def test_mean_bitwise_equal_to_numpy_and_exact_at_consensus(dtype, k):
+    n = 2048 * 3 + 5
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(n, generator=g).to(dtype)
+    rs = [torch.randn(n, generator=g).to(dtype) for _ in range(k)]
+    want = mean_reference(x, rs)
+    assert torch.equal(_C.mean_sum(x, rs).view(torch.uint8), want.view(torch.uint8))
+    y = x.clone()
+    _C.mean_sum(y, rs, y)
+    assert torch.equal(y.view(torch.uint8), want.view(torch.uint8))
+    # values already in consensus come back unchanged, bit for bit
+    assert torch.equal(_C.mean_sum(x, [x.clone() for _ in range(k)]), x)
+
+
+def test_mean_refuses_bad_operands():
+    x = torch.randn(10)
+    with pytest.raises(RuntimeError, match="at least one neighbour tensor"):
+        _C.mean_sum(x, [])
+    with pytest.raises(RuntimeError, match="neighbour tensor 1 must match x"):
+        _C.mean_sum(x, [torch.randn(10), torch.randn(9)])
+    with pytest.raises(RuntimeError, match="out overlaps neighbour tensor 0"):
+        r = torch.randn(10)
+        _C.mean_sum(x, [r], r)
 
 
 def test_same_bits_for_any_thread_count():

@@ -2,10 +2,12 @@
 
 For 2 and 4 ranks on a ring, 4 KiB and 64 KiB float32, interleaved in one job: the floor
 (mpi4py Irecv/Isend to both neighbours + Waitall + a numpy weighted sum into a
-preallocated output) and ``decomm.neighbor_allreduce_`` (in place). Each condition is run
+preallocated output), ``decomm.neighbor_allreduce`` (out of place: a new output tensor per
+call) and ``decomm.neighbor_allreduce_`` (in place). Each condition is run
 twice: on a quiet machine, and with a background load the benchmark starts itself (one
 busy-looping process per core). Times are the median over 5 blocks of 500 calls of the
-slowest rank's mean; the ratio decomm / floor is per row.
+slowest rank's mean; the ratios decomm / floor are per row (targets: <= 1.2 out of place,
+<= 1.0 in place).
 
 Usage: ``flock /tmp/decomm-bench.lock python benchmarks/latency_under_load.py``; writes
 ``benchmarks/results/latency_under_load.md``. ``--spin-us`` sets DECOMM_SPIN_US for the
@@ -44,11 +46,13 @@ for numel in (1024, 16384):
         MPI.Request.Waitall(reqs)
         np.multiply(xn, w, out=out); np.add(out, rb[0] * w, out=out)
         np.add(out, rb[1] * w, out=out)
+    def dec_out():
+        decomm.neighbor_allreduce(x, name="b")
     def dec():
         decomm.neighbor_allreduce_(x, name="b")
-    res = {"floor": [], "decomm": []}
+    res = {"floor": [], "decomm_out": [], "decomm": []}
     for _ in range(5):
-        for name, fn in (("floor", floor), ("decomm", dec)):
+        for name, fn in (("floor", floor), ("decomm_out", dec_out), ("decomm", dec)):
             for _ in range(50):
                 fn()
             c.Barrier()
@@ -94,10 +98,12 @@ def main() -> None:
             for np_ in (2, 4):
                 res = job(np_, args.spin_us)
                 for size, t in res.items():
-                    rows.append((loaded, np_, size, t["floor"], t["decomm"]))
+                    rows.append((loaded, np_, size, t["floor"], t["decomm_out"], t["decomm"]))
                     print(f"[bench] {'loaded' if loaded else 'quiet '} np={np_} {size:>6}: floor "
-                          f"{t['floor'] * 1e6:8.1f} us  decomm {t['decomm'] * 1e6:8.1f} us  "
-                          f"ratio {t['decomm'] / t['floor']:.2f}", flush=True)
+                          f"{t['floor'] * 1e6:8.1f} us  decomm out of place "
+                          f"{t['decomm_out'] * 1e6:8.1f} us ({t['decomm_out'] / t['floor']:.2f}x)"
+                          f"  in place {t['decomm'] * 1e6:8.1f} us "
+                          f"({t['decomm'] / t['floor']:.2f}x)", flush=True)
         finally:
             for p in spinners:
                 p.kill()
@@ -108,11 +114,12 @@ def main() -> None:
              f" UTC, {os.cpu_count()} cores; DECOMM_SPIN_US={spin}. Load average at start "
              f"{load0[0]:.2f}, at end {load1[0]:.2f} (the loaded rows run beside one busy-looping "
              "process per core, started by the benchmark).", "",
-             "| condition | ranks | size | floor (mpi4py) | decomm `neighbor_allreduce_` | "
-             "decomm / floor |", "|---|---|---|---|---|---|"]
-    for loaded, np_, size, f, d in rows:
+             "| condition | ranks | size | floor (mpi4py) | decomm `neighbor_allreduce` | "
+             "decomm `neighbor_allreduce_` (in place) | out of place / floor | "
+             "in place / floor |", "|---|---|---|---|---|---|---|---|"]
+    for loaded, np_, size, f, o, d in rows:
         lines.append(f"| {'loaded' if loaded else 'quiet'} | {np_} | {size} | {f * 1e6:.1f} us | "
-                     f"{d * 1e6:.1f} us | {d / f:.2f} |")
+                     f"{o * 1e6:.1f} us | {d * 1e6:.1f} us | {o / f:.2f} | {d / f:.2f} |")
     text = "\n".join(lines) + "\n"
     path = ROOT / "benchmarks" / "results" / "latency_under_load.md"
     path.write_text(text)

@@ -4,7 +4,8 @@ Run ``python benchmarks/neighbor_allreduce.py`` (it launches itself under mpirun
 each rank count) or ``decomm-run -np 4 python benchmarks/neighbor_allreduce.py --worker``.
 
 For each message size (float32, ring topology) it measures the median time per call of
-- decomm: ``decomm.neighbor_allreduce_`` (in place, the optimizers' path);
+- decomm: ``decomm.neighbor_allreduce_`` (in place, the optimizers' path) and
+  ``decomm.neighbor_allreduce`` (out of place: a new output tensor per call);
 - floor: mpi4py Irecv/Isend to both ring neighbours + Waitall + a numpy weighted sum
   into a preallocated output (the least a Python user could write by hand);
 - gloo: ``torch.distributed.all_reduce`` of the same buffer (what a global average costs).
@@ -78,20 +79,26 @@ def worker(out_path: str | None, reps: int) -> None:
         def ours(x_t=x_t) -> None:
             decomm.neighbor_allreduce_(x_t, name="bench")
 
+        def ours_out(x_t=x_t) -> None:
+            decomm.neighbor_allreduce(x_t, name="bench")
+
         def gloo(x_t=x_t) -> None:
             dist.all_reduce(x_t)
 
-        for fn in (floor, ours, gloo):  # warm-up: connections, buffer pools, page faults
+        for fn in (floor, ours, ours_out, gloo):  # warm-up: connections, pools, page faults
             fn()
         t_floor = timed(floor, iters)
         t_ours = timed(ours, iters)
+        t_out = timed(ours_out, iters)
         t_gloo = timed(gloo, iters)
-        row = {"bytes": nbytes, "decomm_s": t_ours, "floor_s": t_floor, "gloo_s": t_gloo}
+        row = {"bytes": nbytes, "decomm_s": t_ours, "decomm_out_s": t_out, "floor_s": t_floor,
+               "gloo_s": t_gloo}
         rows.append(row)
         if rank == 0:
             print(f"  np={n} {human(nbytes):>6}: decomm {t_ours * 1e3:8.3f} ms  floor "
                   f"{t_floor * 1e3:8.3f} ms  gloo allreduce {t_gloo * 1e3:8.3f} ms  "
-                  f"(decomm/floor time {t_ours / t_floor:.2f})", flush=True)
+                  f"(decomm/floor time {t_ours / t_floor:.2f} in place, "
+                  f"{t_out / t_floor:.2f} out of place)", flush=True)
     if rank == 0 and out_path:
         Path(out_path).write_text(json.dumps({"np": n, "rows": rows}))
     dist.destroy_process_group()
@@ -122,22 +129,27 @@ def driver(nps: list[int], reps: int, out_md: Path) -> int:
         "",
         "- **floor**: mpi4py Irecv/Isend to the ring neighbours + numpy weighted sum "
         "(preallocated output).",
+        "- **decomm**: `neighbor_allreduce_` (in place); **out of place**: `neighbor_allreduce` "
+        "(a new output tensor per call).",
         "- **throughput ratio** = floor time / decomm time (>= 0.95 is the target at >= 1 MB);",
-        "  **latency ratio** = decomm time / floor time (<= 1.2 is the target at 4 KB).",
+        "  **latency ratio** = decomm time / floor time (<= 1.2 out of place and <= 1.0 in "
+        "place are the targets at 4 KB and 64 KB).",
         "- **gloo**: `torch.distributed.all_reduce` of the same buffer, for scale.",
         "",
-        "| ranks | size | decomm (ms) | floor (ms) | gloo allreduce (ms) | floor/decomm "
-        "| decomm/floor | decomm GB/s per rank |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ranks | size | decomm (ms) | out of place (ms) | floor (ms) | gloo allreduce (ms) "
+        "| floor/decomm | decomm/floor | out of place/floor | decomm GB/s per rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         for row in res["rows"]:
             gbps = row["bytes"] / row["decomm_s"] / 1e9
             lines.append(
                 f"| {res['np']} | {human(row['bytes'])} | {row['decomm_s'] * 1e3:.3f} | "
+                f"{row['decomm_out_s'] * 1e3:.3f} | "
                 f"{row['floor_s'] * 1e3:.3f} | {row['gloo_s'] * 1e3:.3f} | "
                 f"{row['floor_s'] / row['decomm_s']:.2f} | "
-                f"{row['decomm_s'] / row['floor_s']:.2f} | {gbps:.2f} |")
+                f"{row['decomm_s'] / row['floor_s']:.2f} | "
+                f"{row['decomm_out_s'] / row['floor_s']:.2f} | {gbps:.2f} |")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-(2 + sum(len(r["rows"]) for r in results)):]), flush=True)

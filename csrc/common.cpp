@@ -123,10 +123,10 @@ std::string header_diff(const Header& mine, const Header& theirs, bool ignore_fi
     sep();
     os << "root " << theirs.root << " vs " << mine.root;
   }
-  if (mine.flags != theirs.flags) {
+  if ((mine.flags & kFlagAverage) != (theirs.flags & kFlagAverage)) {
     sep();
-    os << "average=" << (theirs.flags & 1 ? "True" : "False") << " vs "
-       << (mine.flags & 1 ? "True" : "False");
+    os << "average=" << (theirs.flags & kFlagAverage ? "True" : "False") << " vs "
+       << (mine.flags & kFlagAverage ? "True" : "False");
   }
   return os.str();
 }

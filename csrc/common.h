@@ -36,6 +36,11 @@ bool is_peer_failure(int code);
 constexpr int kMaxHeaderDims = 8;
 constexpr int kHeaderNameLen = 48;
 constexpr uint32_t kHeaderMagic = 0xDEC0AA11u;
+// Header.flags bits. kFlagAverage is part of the call (allreduce's average=) and is
+// compared across ranks; kFlagPayloadApart is how this message travels (the
+// neighbor_allreduce payload follows in its own message) and is not.
+constexpr int32_t kFlagAverage = 1;
+constexpr int32_t kFlagPayloadApart = 2;
 
 enum OpKind : int32_t {
   kNeighborAllreduce = 1,
@@ -64,7 +69,7 @@ struct Header {
   uint64_t shape_hash = 0;  // covers shapes with more than kMaxHeaderDims dims
   int64_t numel = 0;
   int32_t root = -1;        // broadcast root
-  int32_t flags = 0;        // bit 0: average (allreduce)
+  int32_t flags = 0;        // kFlagAverage, kFlagPayloadApart
   char name[kHeaderNameLen] = {0};
 };
 

@@ -56,7 +56,7 @@ std::shared_ptr<Handle> MpiBackend::allreduce(const at::Tensor& x, const at::Ten
                                               bool async) {
   const int64_t t0 = timeline() ? steady_ns() : 0;
   Header hdr = make_header(kAllreduce, coll_seq_++, x, name, -1, 0);
-  hdr.flags = average ? 1 : 0;
+  hdr.flags = average ? kFlagAverage : 0;
   if (check_) check_collective(hdr, false, false);
   // One reduction per chunk of at most g_max_chunk bytes (MPI counts are C ints);
   // non-blocking collectives on one communicator complete in any order but match

@@ -35,6 +35,16 @@ inline int ng_data_tag(int64_t seq) {
   return kTagSeqBase + static_cast<int>(2 * g_tag_span + seq % g_tag_span);
 }
 
+// The largest message on a header tag: a neighbor_allreduce payload of up to
+// kMaxStagedPayload bytes travels staged behind its header. Every receive on a
+// header tag has room for that much, whatever this rank expects: a message longer
+// than its receive must never reach one, because Open MPI 5's shared-memory
+// transport then writes the whole message past the buffer (measured: a 64176-byte
+// message into a 60176-byte receive wrote 4000 bytes beyond it, and reported
+// MPI_ERR_TRUNCATE only afterwards).
+constexpr int64_t kMaxStagedPayload = 64 << 10;
+constexpr int64_t kHeadCapacity = static_cast<int64_t>(sizeof(Header)) + kMaxStagedPayload;
+
 // MPI counts are C ints: one message carries at most 2^31-1 bytes here.
 int checked_count(int64_t nbytes, const std::string& what, int rank);
 

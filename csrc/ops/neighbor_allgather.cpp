@@ -5,6 +5,7 @@
 
 #include "ops/internal.h"
 
+#include <cstring>
 #include <sstream>
 
 namespace decomm {
@@ -32,9 +33,16 @@ class NeighborAllgatherOp : public NeighborOp {
     send_hdr_.assign(D, MPI_REQUEST_NULL);
     send_data_.assign(D, {});
     MPI_Comm comm = be_->comm();
-    for (size_t s = 0; s < S; ++s)
-      check_mpi(MPI_Irecv(&in_hdr_[s], sizeof(Header), MPI_BYTE, static_cast<int>(src_[s]),
-                          head_tag(mine_.seq), comm, &hdr_reqs_[s]), "MPI_Irecv");
+    // Room for a neighbor_allreduce's staged message too (see kHeadCapacity): a
+    // neighbour making that call instead must not overrun the receive.
+    head_.resize(S);
+    for (size_t s = 0; s < S; ++s) {
+      head_[s] = at::empty({kHeadCapacity}, at::kByte);
+      std::memcpy(head_[s].data_ptr(), &in_hdr_[s], sizeof(Header));  // magic 0: not arrived
+      check_mpi(MPI_Irecv(head_[s].data_ptr(), static_cast<int>(kHeadCapacity), MPI_BYTE,
+                          static_cast<int>(src_[s]), head_tag(mine_.seq), comm, &hdr_reqs_[s]),
+                "MPI_Irecv");
+    }
     for (size_t d = 0; d < D; ++d) {
       const int peer = static_cast<int>(dst_[d]);
       check_mpi(MPI_Isend(&mine_, sizeof(Header), MPI_BYTE, peer, head_tag(mine_.seq), comm,
@@ -54,8 +62,9 @@ class NeighborAllgatherOp : public NeighborOp {
         int flag = 0;
         const int rc = MPI_Test(&hdr_reqs_[s], &flag, MPI_STATUS_IGNORE);
         if (is_peer_failure(rc)) check_mpi(rc, "MPI_Test");
-        // A neighbor_allreduce message (header + payload) is cut to the header
-        // here; the header leads, so it still says what the neighbour called.
+        std::memcpy(&in_hdr_[s], head_[s].data_ptr(), sizeof(Header));
+        // The header leads every message on this tag, so even a message cut short
+        // still says what the neighbour called.
         const bool truncated = rc != MPI_SUCCESS &&
                                (flag || hdr_reqs_[s] == MPI_REQUEST_NULL) &&
                                in_hdr_[s].magic == kHeaderMagic;
@@ -145,6 +154,7 @@ class NeighborAllgatherOp : public NeighborOp {
   std::vector<int64_t> src_, dst_;
   Header mine_;
   std::vector<Header> in_hdr_;
+  std::vector<at::Tensor> head_;  // per in-neighbour: the header message, kHeadCapacity bytes
   std::vector<at::Tensor> parts_;
   std::vector<MPI_Request> hdr_reqs_, send_hdr_;
   std::vector<std::vector<MPI_Request>> data_reqs_, send_data_;  // chunks per peer

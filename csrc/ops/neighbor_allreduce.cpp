@@ -14,17 +14,32 @@ namespace decomm {
 
 using namespace detail;
 
-// Small payloads travel in one message with the header in front, staged in a
-// pooled buffer [header | payload]: a second message per neighbour measured
-// several times slower at small sizes, and an MPI struct datatype over the two
-// addresses cost about 1 us to create, commit and free per neighbour and call
-// (more than copying 4 KiB). The receiver sums straight from its staging buffer.
-// Large payloads go as a header message plus a contiguous data message, which
-// lets MPI use its single-copy path. The receiver learns the sender's size from
-// the header, so it can still consume every message when two ranks disagree (and
-// pick different protocols).
-constexpr int64_t kSmallMessage = 64 << 10;
+// Two ways a payload travels, chosen by the sender per call and announced in the
+// header (kFlagPayloadApart), so that ranks need not agree on it:
+// - staged: one message [header | payload] from a pooled buffer. No second message,
+//   and no MPI struct datatype over the two addresses (that cost about 1 us to
+//   create, commit and free per neighbour and call); the receiver sums straight
+//   from its staging buffer. Used up to kSmallMessage, but past one eager fragment
+//   of Open MPI's shared-memory transport (4 KiB including MPI's own header;
+//   measured: 3968 bytes still eager, 4032 not) only for in-place calls.
+// - apart: a header message, then the payload as contiguous messages straight
+//   from x, which lets MPI use its single-copy path.
+// Past the eager size both go by rendezvous, and for a buffer that stays clean
+// between calls (out of place) the staging copy costs more than the second
+// message: with mpi4py on 2 ranks at 64 KiB, 15.7 us staged against 6.2 us apart
+// (the floor's single message: 4.8 us); decomm out of place 20.2 -> 11.1 us. For
+// a buffer the sum has just written (in place, what the optimizers do) apart was
+// slower (19.4 -> 23.6 us quiet on 2 ranks, and 8x under load): the peer's
+// single-copy read of freshly written memory costs more than our copy of it.
+// Every receiver takes the header (and a staged payload) into a buffer of
+// kHeadCapacity bytes, room for any staged message (see internal.h); one of at
+// most kSmallMessage bytes also takes a payload sent apart right behind the
+// header there, a larger one into its own buffer. The receiver learns the
+// sender's size and form from the header, so it can still consume every message
+// when two ranks disagree.
 constexpr int64_t kHeaderBytes = static_cast<int64_t>(sizeof(Header));
+constexpr int64_t kSmallMessage = kMaxStagedPayload;
+constexpr int64_t kEagerMessage = (4 << 10) - 128;
 static_assert(sizeof(Header) % alignof(double) == 0, "the payload after the header is aligned");
 
 static int64_t payload_bytes(const Header& h) {
@@ -50,9 +65,13 @@ class NeighborAllreduceOp : public NeighborOp {
     const int64_t n = x_.numel();
     nbytes_ = n * static_cast<int64_t>(x_.element_size());
     small_ = nbytes_ <= kSmallMessage;
-    count_ = small_ ? static_cast<int>(kHeaderBytes + nbytes_) : 0;  // the large path is chunked
+    count_ = small_ ? static_cast<int>(kHeaderBytes + nbytes_) : 0;  // a staged message
+    const bool in_place = out_.data_ptr() == x_.data_ptr();
+    apart_ = !small_ || (kHeaderBytes + nbytes_ > kEagerMessage && !in_place);
+    if (apart_) mine_.flags |= kFlagPayloadApart;
     const size_t S = src_.ranks.size(), D = dst_.ranks.size();
     in_.resize(S);
+    head_.resize(S);
     recv_.resize(S);
     send_hdr_.assign(D, MPI_REQUEST_NULL);
     send_data_.assign(D, {});
@@ -60,25 +79,20 @@ class NeighborAllreduceOp : public NeighborOp {
     for (size_t s = 0; s < S; ++s) {
       const int peer = static_cast<int>(src_.ranks[s]);
       in_[s].hdr.magic = 0;  // so a header that never arrived cannot pass for one
-      if (small_) {
-        recv_[s] = borrow(kHeaderBytes + nbytes_);
-        const uint32_t none = 0;
-        std::memcpy(recv_[s].data_ptr(), &none, sizeof(none));  // the staged header's magic
-        check_mpi(MPI_Irecv(recv_[s].data_ptr(), count_, MPI_BYTE, peer, head_tag(mine_.seq),
-                            comm, &in_[s].head), "MPI_Irecv");
-      } else {
-        recv_[s] = borrow(nbytes_);
-        // The payload's receive is posted when the header arrives (tagged with
-        // the sender's call number, so it cannot match another call's payload).
-        check_mpi(MPI_Irecv(&in_[s].hdr, sizeof(Header), MPI_BYTE, peer, head_tag(mine_.seq), comm,
-                            &in_[s].head), "MPI_Irecv");
-      }
+      head_[s] = borrow(kHeadCapacity);
+      const uint32_t none = 0;
+      std::memcpy(head_[s].data_ptr(), &none, sizeof(none));  // the staged header's magic
+      check_mpi(MPI_Irecv(head_[s].data_ptr(), static_cast<int>(kHeadCapacity), MPI_BYTE, peer,
+                          head_tag(mine_.seq), comm, &in_[s].head), "MPI_Irecv");
+      // A payload sent apart is received when its header has arrived (tagged with
+      // the sender's call number, so it cannot match another call's payload).
+      if (!small_) recv_[s] = borrow(nbytes_);
     }
     void* unscaled = nullptr;  // the staged [header | x], shared by every unscaled send
     for (size_t d = 0; d < D; ++d) {
       const int peer = static_cast<int>(dst_.ranks[d]);
       const double w = dst_.weights[d];
-      if (small_) {
+      if (!apart_) {
         void* msg = w == 1.0 ? unscaled : nullptr;
         if (msg == nullptr) {
           msg = borrow(kHeaderBytes + nbytes_).data_ptr();
@@ -180,7 +194,8 @@ class NeighborAllreduceOp : public NeighborOp {
     if (n > 0) {
       std::vector<const void*> rs(recv_.size());
       for (size_t s = 0; s < recv_.size(); ++s)
-        rs[s] = static_cast<const char*>(recv_[s].data_ptr()) + (small_ ? kHeaderBytes : 0);
+        rs[s] = small_ ? static_cast<const char*>(head_[s].data_ptr()) + kHeaderBytes
+                       : recv_[s].data_ptr();
       const int64_t k = static_cast<int64_t>(rs.size());
       if (k > 0 && is_uniform_mean(self_w_, src_.weights.data(), k))
         mean_sum(out_.data_ptr(), x_.data_ptr(), rs.data(), k, n, x_.scalar_type());
@@ -233,38 +248,40 @@ class NeighborAllreduceOp : public NeighborOp {
 
   void on_header(size_t s, MPI_Status& st, bool truncated) {
     Incoming& in = in_[s];
-    if (small_) std::memcpy(&in.hdr, recv_[s].data_ptr(), sizeof(Header));  // staged in front
+    std::memcpy(&in.hdr, head_[s].data_ptr(), sizeof(Header));  // the header leads the message
     const std::string who = "in-neighbour " + std::to_string(src_.ranks[s]);
     int got = 0;
     MPI_Get_count(&st, MPI_BYTE, &got);
-    const int64_t expect = static_cast<int64_t>(sizeof(Header)) + (small_ ? nbytes_ : 0);
     // The header leads the message, so it arrives whole even when the payload
     // is cut short by a larger message (MPI fills the buffer up to its size).
     const bool have_header = truncated ? in.hdr.magic == kHeaderMagic
                                        : got >= static_cast<int>(sizeof(Header));
-    std::string diff;
-    if (have_header && (be_check() || truncated || got != expect))
-      diff = header_diff(mine_, in.hdr, false, false);
-    if (diff.empty() && (truncated || got != expect))
-      diff = "message size (shape or dtype differ)";
-    const int64_t theirs = have_header ? payload_bytes(in.hdr) : 0;
-    // Only a neighbor_allreduce announces a payload on the bulk tags; what a
+    // Only a neighbor_allreduce sends a payload apart, on the bulk tags; what a
     // neighbor_allgather sent instead is drained as a failed call's leftover.
-    const bool their_bulk = have_header && in.hdr.op == kNeighborAllreduce &&
-                            theirs > kSmallMessage;
+    const bool apart = have_header && in.hdr.op == kNeighborAllreduce &&
+                       (in.hdr.flags & kFlagPayloadApart) != 0;
+    const int64_t theirs = have_header ? payload_bytes(in.hdr) : 0;
+    const int64_t expect = kHeaderBytes + (apart ? 0 : nbytes_);
+    std::string diff;
+    if (have_header && (be_check() || truncated || got != expect || (apart && theirs != nbytes_)))
+      diff = header_diff(mine_, in.hdr, false, false);
+    if (diff.empty() && (truncated || got != expect || (apart && theirs != nbytes_)))
+      diff = "message size (shape or dtype differ)";
     if (diff.empty()) {
-      if (small_) {
+      if (!apart) {
         be_->bytes_received += got;
       } else {
-        irecv_chunks(recv_[s].data_ptr(), nbytes_, static_cast<int>(src_.ranks[s]),
-                     bulk_tag(in.hdr.seq), be_->comm(), in.bulk);
+        char* at = small_ ? static_cast<char*>(head_[s].data_ptr()) + kHeaderBytes
+                          : static_cast<char*>(recv_[s].data_ptr());
+        irecv_chunks(at, nbytes_, static_cast<int>(src_.ranks[s]), bulk_tag(in.hdr.seq),
+                     be_->comm(), in.bulk);
         in.bulk_open = true;
       }
       return;
     }
     fail(who + " called differently: " + diff + " (that rank's value vs this rank's)");
     in.mismatch = true;
-    if (their_bulk) {
+    if (apart) {
       // Consume the neighbour's payload message, so nothing is left in flight.
       in.drain = at::empty({theirs}, at::kByte);
       irecv_chunks(in.drain.data_ptr(), theirs, static_cast<int>(src_.ranks[s]),
@@ -285,13 +302,15 @@ class NeighborAllreduceOp : public NeighborOp {
   Peers src_, dst_;
   Header mine_;
   std::vector<Incoming> in_;
-  std::vector<at::Tensor> recv_;
+  std::vector<at::Tensor> head_;  // per in-neighbour: [header | staged payload], kHeadCapacity
+  std::vector<at::Tensor> recv_;  // per in-neighbour: a payload of over kSmallMessage bytes
   std::vector<MPI_Request> send_hdr_;
   std::vector<std::vector<MPI_Request>> send_data_;  // per out-neighbour: the chunks
   std::vector<std::pair<at::Tensor, int64_t>> pooled_;
   int64_t nbytes_ = 0;
-  int count_ = 0;
-  bool small_ = true;
+  int count_ = 0;       // bytes of this rank's staged message
+  bool small_ = true;   // this rank's payload fits behind the header in head_
+  bool apart_ = false;  // this rank sends its payload apart from the header
 };
 bool NeighborAllreduceOp::be_check() const { return be_->check(); }
 

@@ -169,3 +169,74 @@ def test_large_and_small_message_mismatch_is_reported_and_drained(big_rank):
     # every message was consumed: the next call works everywhere
     y = decomm.neighbor_allreduce(torch.full((100_000,), float(r)), name="after")
     assert torch.allclose(y, torch.full_like(y, (n - 1) / 2))
+
+
+# Payload forms: up to 64 KiB a receiver takes either a staged [header | payload]
+# message or a header with the payload apart; a sender stages when the message fits
+# one eager fragment (< 4 KiB) or the call is in place, and sends apart otherwise.
+FORM_SIZES = {"staged": 500, "apart_small": 8192, "apart_large": 100_000}
+
+
+@pytest.mark.parametrize("size", sorted(FORM_SIZES))
+def test_in_place_and_out_of_place_ranks_mix_forms(size):
+    """Rank 0 calls in place (it stages up to 64 KiB), the others out of place."""
+    need(2)
+    r, n = decomm.rank(), decomm.size()
+    topo = T.ExponentialGraph(n)
+    decomm.set_topology(topo)
+    numel = FORM_SIZES[size]
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(n, numel, generator=g, dtype=torch.float64)
+    want = torch.from_numpy(topo.matrix(0) @ X.numpy())[r]
+    for _ in range(3):  # several calls: nothing is left over from the previous one
+        x = X[r].clone()
+        got = decomm.neighbor_allreduce_(x, name="mix") if r == 0 else \
+            decomm.neighbor_allreduce(x, name="mix")
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("inplace_rank", [0, 1])
+def test_size_mismatch_across_payload_forms_is_reported_and_drained(inplace_rank):
+    """A staged in-place sender of 8192 floats against an apart sender of 8000."""
+    need(2)
+    r, n = decomm.rank(), decomm.size()
+    decomm.set_topology(T.FullyConnectedGraph(n))
+    x = torch.zeros(8192 if r == inplace_rank else 8000)
+    with pytest.raises(decomm.DecommError, match="shape"):
+        if r == inplace_rank:
+            decomm.neighbor_allreduce_(x, name="forms")
+        else:
+            decomm.neighbor_allreduce(x, name="forms")
+    y = decomm.neighbor_allreduce(torch.full((8192,), float(r)), name="after")
+    assert torch.allclose(y, torch.full_like(y, (n - 1) / 2))
+
+
+@pytest.mark.parametrize("numels", [(16000, 15000), (16384, 100), (15000, 100_000)])
+def test_staged_messages_of_different_sizes_never_overrun_a_receive(numels):
+    """Both ranks in place, so both stage up to 64 KiB. Open MPI's shared-memory
+    transport writes a message that is longer than its receive past the buffer (it
+    corrupted the heap here), so every header receive has room for any staged message;
+    the mismatch is reported and the following calls work."""
+    need(2)
+    r, n = decomm.rank(), decomm.size()
+    decomm.set_topology(T.FullyConnectedGraph(n))
+    x = torch.zeros(numels[0] if r == 0 else numels[1])
+    with pytest.raises(decomm.DecommError, match="shape"):
+        decomm.neighbor_allreduce_(x, name="staged")
+    for _ in range(3):
+        y = decomm.neighbor_allreduce_(torch.full((16000,), float(r)), name="after")
+        assert torch.allclose(y, torch.full_like(y, (n - 1) / 2))
+
+
+def test_allgather_against_a_staged_allreduce_is_reported_and_drained():
+    need(2)
+    r, n = decomm.rank(), decomm.size()
+    decomm.set_topology(T.FullyConnectedGraph(n))
+    x = torch.zeros(16000)
+    with pytest.raises(decomm.DecommError, match="op neighbor_allreduce|op neighbor_allgather"):
+        if r == 0:
+            decomm.neighbor_allreduce_(x, name="mixed")
+        else:
+            decomm.neighbor_allgather(x, name="mixed")
+    y = decomm.neighbor_allreduce(torch.full((16000,), float(r)), name="after")
+    assert torch.allclose(y, torch.full_like(y, (n - 1) / 2))

@@ -27,7 +27,7 @@ using namespace detail;
 // Past the eager size both go by rendezvous, and for a buffer that stays clean
 // between calls (out of place) the staging copy costs more than the second
 // message: with mpi4py on 2 ranks at 64 KiB, 15.7 us staged against 6.2 us apart
-// (the floor's single message: 4.8 us); decomm out of place 20.2 -> 11.1 us. For
+// (the floor's single message: 4.8 us); decomm out of place 20.2 -> 11.7 us. For
 // a buffer the sum has just written (in place, what the optimizers do) apart was
 // slower (19.4 -> 23.6 us quiet on 2 ranks, and 8x under load): the peer's
 // single-copy read of freshly written memory costs more than our copy of it.
@@ -252,8 +252,8 @@ class NeighborAllreduceOp : public NeighborOp {
     const std::string who = "in-neighbour " + std::to_string(src_.ranks[s]);
     int got = 0;
     MPI_Get_count(&st, MPI_BYTE, &got);
-    // The header leads the message, so it arrives whole even when the payload
-    // is cut short by a larger message (MPI fills the buffer up to its size).
+    // No message from decomm is longer than the receive (kHeadCapacity); should
+    // one be cut short all the same, its header still leads it.
     const bool have_header = truncated ? in.hdr.magic == kHeaderMagic
                                        : got >= static_cast<int>(sizeof(Header));
     // Only a neighbor_allreduce sends a payload apart, on the bulk tags; what a

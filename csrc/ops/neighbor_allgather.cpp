@@ -62,7 +62,8 @@ class NeighborAllgatherOp : public NeighborOp {
         int flag = 0;
         const int rc = MPI_Test(&hdr_reqs_[s], &flag, MPI_STATUS_IGNORE);
         if (is_peer_failure(rc)) check_mpi(rc, "MPI_Test");
-        std::memcpy(&in_hdr_[s], head_[s].data_ptr(), sizeof(Header));
+        if (flag || hdr_reqs_[s] == MPI_REQUEST_NULL)  // arrived: MPI no longer writes it
+          std::memcpy(&in_hdr_[s], head_[s].data_ptr(), sizeof(Header));
         // The header leads every message on this tag, so even a message cut short
         // still says what the neighbour called.
         const bool truncated = rc != MPI_SUCCESS &&

@@ -25,10 +25,6 @@ struct RoundPeers {
   decomm::Peers src, dst;
 };
 
-}  // namespace
-
-namespace {
-
 // The checked operands of the standalone sums: contiguous CPU tensors of one
 // dtype and size; out (or a new tensor) may be x itself but overlap nothing else.
 struct SumOperands {

@@ -40,10 +40,10 @@ namespace {
 // Up to 8 neighbours (the exponential graph and the hypercube up to 256 ranks,
 // the torus, the ring, Base-(k+1) rounds) the sum runs in one pass, the term
 // count a compile-time constant so that the accumulator stays in registers. More
-// terms go block by block through an accumulator array in L1. Both add the same terms in the same order, so they
-// give bitwise the same results. out may be x exactly (an element is read before
-// it is written), hence ivdep.
-// Elements per block of the general path: the float accumulator block (8 KB) stays in L1.
+// terms go block by block through an accumulator array in L1. Both add the same
+// terms in the same order, so they give bitwise the same results. out may be x
+// exactly (an element is read before it is written), hence ivdep.
+// Elements per block of the general path: the float accumulator (8 KB) stays in L1.
 constexpr int64_t kBlock = 2048;
 
 template <typename T, int K>

@@ -95,8 +95,24 @@ void set_pool_limit(int64_t bytes);
 // `headers_only`, only those whose header has not: the others made this call
 // and their payload is on its way) and the out-neighbours whose send is not done.
 class NeighborOp : public Op {
+ public:
+  ~NeighborOp() override {
+    if (!finished_.load()) return;  // abandoned: MPI may still own the buffers
+    for (auto& b : pooled_) detail::pool_put(b.first, b.second);
+  }
+
  protected:
   using Op::Op;
+
+  // A scratch buffer from the pool, kept alive while MPI may use it and returned
+  // to the pool when the op is destroyed after finishing.
+  at::Tensor borrow(int64_t nbytes) {
+    at::Tensor t = detail::pool_get(nbytes);
+    pooled_.emplace_back(t, nbytes);
+    keep_alive_.push_back(t);
+    return t;
+  }
+
   virtual void waiting(bool headers_only, std::vector<int64_t>& in,
                        std::vector<int64_t>& out) const = 0;
 
@@ -117,6 +133,9 @@ class NeighborOp : public Op {
     in.insert(in.end(), out.begin(), out.end());
     return be_->departed_peers(in, seq_, true);
   }
+
+ private:
+  std::vector<std::pair<at::Tensor, int64_t>> pooled_;
 };
 
 // MPI_I* collectives (allreduce, broadcast, allgather, barrier, the header

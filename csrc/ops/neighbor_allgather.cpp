@@ -37,7 +37,7 @@ class NeighborAllgatherOp : public NeighborOp {
     // neighbour making that call instead must not overrun the receive.
     head_.resize(S);
     for (size_t s = 0; s < S; ++s) {
-      head_[s] = at::empty({kHeadCapacity}, at::kByte);
+      head_[s] = borrow(kHeadCapacity);
       std::memcpy(head_[s].data_ptr(), &in_hdr_[s], sizeof(Header));  // magic 0: not arrived
       check_mpi(MPI_Irecv(head_[s].data_ptr(), static_cast<int>(kHeadCapacity), MPI_BYTE,
                           static_cast<int>(src_[s]), head_tag(mine_.seq), comm, &hdr_reqs_[s]),

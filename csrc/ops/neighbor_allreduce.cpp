@@ -55,11 +55,6 @@ class NeighborAllreduceOp : public NeighborOp {
         x_(std::move(x)), out_(std::move(out)), self_w_(self_w),
         src_(std::move(src)), dst_(std::move(dst)), mine_(hdr) {}
 
-  ~NeighborAllreduceOp() override {
-    if (!finished_.load()) return;  // abandoned: MPI may still own the buffers
-    for (auto& b : pooled_) detail::pool_put(b.first, b.second);
-  }
-
   void post() {
     const auto dtype = x_.scalar_type();
     const int64_t n = x_.numel();
@@ -262,11 +257,11 @@ class NeighborAllreduceOp : public NeighborOp {
                        (in.hdr.flags & kFlagPayloadApart) != 0;
     const int64_t theirs = have_header ? payload_bytes(in.hdr) : 0;
     const int64_t expect = kHeaderBytes + (apart ? 0 : nbytes_);
+    const bool size_differs = truncated || got != expect || (apart && theirs != nbytes_);
     std::string diff;
-    if (have_header && (be_check() || truncated || got != expect || (apart && theirs != nbytes_)))
+    if (have_header && (be_check() || size_differs))
       diff = header_diff(mine_, in.hdr, false, false);
-    if (diff.empty() && (truncated || got != expect || (apart && theirs != nbytes_)))
-      diff = "message size (shape or dtype differ)";
+    if (diff.empty() && size_differs) diff = "message size (shape or dtype differ)";
     if (diff.empty()) {
       if (!apart) {
         be_->bytes_received += got;
@@ -290,13 +285,6 @@ class NeighborAllreduceOp : public NeighborOp {
     }
   }
 
-  at::Tensor borrow(int64_t nbytes) {
-    at::Tensor t = detail::pool_get(nbytes);
-    pooled_.emplace_back(t, nbytes);
-    keep_alive_.push_back(t);
-    return t;
-  }
-
   at::Tensor x_, out_;
   double self_w_;
   Peers src_, dst_;
@@ -306,7 +294,6 @@ class NeighborAllreduceOp : public NeighborOp {
   std::vector<at::Tensor> recv_;  // per in-neighbour: a payload of over kSmallMessage bytes
   std::vector<MPI_Request> send_hdr_;
   std::vector<std::vector<MPI_Request>> send_data_;  // per out-neighbour: the chunks
-  std::vector<std::pair<at::Tensor, int64_t>> pooled_;
   int64_t nbytes_ = 0;
   int count_ = 0;       // bytes of this rank's staged message
   bool small_ = true;   // this rank's payload fits behind the header in head_
